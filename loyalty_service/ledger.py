@@ -1,0 +1,443 @@
+"""Use cases. Each is one database transaction; the rows it locks, and their order, are
+visible in its body."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from typing import TypeVar
+
+from psycopg import IsolationLevel
+from psycopg_pool import AsyncConnectionPool
+
+from . import domain, store
+from .domain import (
+    Account,
+    AccountAlreadyExists,
+    AccountFilter,
+    AccountNotClosed,
+    AccountNotFound,
+    AccountStatus,
+    FieldViolation,
+    InvalidArgument,
+    MergeResult,
+    NewTransaction,
+    Page,
+    PointsTransaction,
+    ProgramNotFound,
+    RequestIdReused,
+    TransactionFilter,
+    TransactionNotFound,
+    TransactionType,
+)
+from .store import Conn
+
+T = TypeVar("T")
+Clock = Callable[[], datetime]
+
+
+def system_clock() -> datetime:
+    return datetime.now(UTC)
+
+
+class _Moved(Exception):
+    """A merge moved a transaction to another account between our read and our lock."""
+
+
+@dataclass(frozen=True)
+class AccountChanges:
+    """What UpdateAccount changes; None leaves a field as it is."""
+
+    customer: str | None = None
+    clear_customer: bool = False
+    metadata: dict[str, str] | None = None
+
+
+class Ledger:
+    def __init__(self, pool: AsyncConnectionPool, clock: Clock = system_clock) -> None:
+        self.pool = pool
+        self.clock = clock
+
+    # -- accounts ------------------------------------------------------------------------
+
+    async def create_account(
+        self,
+        program: str,
+        customer: str | None,
+        metadata: dict[str, str],
+        request_id: str = "",
+    ) -> Account:
+        async def work(conn: Conn) -> Account:
+            if not await store.program_exists(conn, program):
+                raise ProgramNotFound(f"program {program} does not exist", program=program)
+            now = self.clock()
+            account = Account(
+                id=domain.new_id("loy_"),
+                program=program,
+                customer=customer,
+                status=AccountStatus.ACTIVE,
+                balance=0,
+                lifetime_points=0,
+                tier="",
+                metadata=metadata,
+                create_time=now,
+                update_time=now,
+            )
+            if not await store.insert_account(conn, account):
+                assert customer is not None  # accounts without a customer never conflict
+                await self._raise_already_exists(conn, program, customer)
+            return account
+
+        params = {"program": program, "customer": customer, "metadata": metadata}
+        return await self._run("CreateAccount", request_id, params, Account, work)
+
+    async def get_account(self, account_id: str) -> Account:
+        async with self.pool.connection() as conn:
+            account = await store.get_account(conn, account_id)
+        if account is None:
+            raise _account_not_found(account_id)
+        return account
+
+    async def list_accounts(
+        self, where: AccountFilter, after: int | None, limit: int
+    ) -> Page[Account]:
+        async with self.pool.connection() as conn:
+            return await store.list_accounts(conn, where, after, limit)
+
+    async def update_account(
+        self, account_id: str, changes: AccountChanges, request_id: str = ""
+    ) -> Account:
+        async def work(conn: Conn) -> Account:
+            account = await self._lock_account(conn, account_id)
+            if account.status is AccountStatus.MERGED:
+                # Merged accounts are frozen; closed ones may still be relabelled.
+                domain.require_active(account)
+            customer = account.customer
+            if changes.clear_customer:
+                customer = None
+            elif changes.customer is not None:
+                customer = changes.customer
+            updated = replace(
+                account,
+                customer=customer,
+                metadata=account.metadata if changes.metadata is None else changes.metadata,
+                update_time=self.clock(),
+            )
+            await self._save_account(conn, updated)
+            return updated
+
+        params = {
+            "id": account_id,
+            "customer": changes.customer,
+            "clear_customer": changes.clear_customer,
+            "metadata": changes.metadata,
+        }
+        return await self._run("UpdateAccount", request_id, params, Account, work)
+
+    async def close_account(self, account_id: str, request_id: str = "") -> Account:
+        async def work(conn: Conn) -> Account:
+            account = await self._lock_account(conn, account_id)
+            domain.require_active(account)
+            closed = replace(account, status=AccountStatus.CLOSED, update_time=self.clock())
+            await store.save_account(conn, closed)
+            return closed
+
+        return await self._run("CloseAccount", request_id, {"id": account_id}, Account, work)
+
+    async def reopen_account(self, account_id: str, request_id: str = "") -> Account:
+        async def work(conn: Conn) -> Account:
+            account = await self._lock_account(conn, account_id)
+            if account.status is not AccountStatus.CLOSED:
+                raise AccountNotClosed(
+                    f"account {account_id} is {account.status}, not CLOSED",
+                    account=account_id,
+                    status=account.status,
+                )
+            reopened = replace(account, status=AccountStatus.ACTIVE, update_time=self.clock())
+            await self._save_account(conn, reopened)
+            return reopened
+
+        return await self._run("ReopenAccount", request_id, {"id": account_id}, Account, work)
+
+    async def merge_accounts(
+        self, source_id: str, target_id: str, request_id: str = ""
+    ) -> MergeResult:
+        if source_id == target_id:
+            raise InvalidArgument([FieldViolation("target", "must differ from source")])
+
+        async def work(conn: Conn) -> MergeResult:
+            # Both rows, locked in id order: merges A->B and B->A cannot deadlock.
+            locked = await store.lock_accounts(conn, [source_id, target_id])
+            for account_id in (source_id, target_id):
+                if account_id not in locked:
+                    raise _account_not_found(account_id)
+            source, target = locked[source_id], locked[target_id]
+            domain.check_merge(source, target)
+            now = self.clock()
+            after_seq = await store.last_transaction_seq(conn, [source_id, target_id])
+            await store.reparent_transactions(conn, source_id, target_id)
+            await store.record_merge(conn, source, target_id, after_seq, now)
+            merged_source = replace(
+                source,
+                status=AccountStatus.MERGED,
+                merged_into=target_id,
+                balance=0,
+                lifetime_points=0,
+                update_time=now,
+            )
+            merged_target = domain.merged_target(target, source, now)
+            await store.save_account(conn, merged_source)
+            await store.save_account(conn, merged_target)
+            return MergeResult(target=merged_target, source=merged_source)
+
+        params = {"source": source_id, "target": target_id}
+        return await self._run("MergeAccounts", request_id, params, MergeResult, work)
+
+    # -- points --------------------------------------------------------------------------
+
+    async def create_transaction(
+        self, new: NewTransaction, request_id: str = ""
+    ) -> PointsTransaction:
+        # The hot path: one statement locks the account, applies the change within the
+        # domain's bounds and writes the ledger row (see store.post_transaction).
+        change = domain.change(new.type, new.direction, new.amount)
+        ptx = PointsTransaction(
+            id=domain.new_id("ptx_"),
+            account=new.account,
+            type=new.type,
+            direction=new.direction,
+            amount=new.amount,
+            points_after=0,  # filled in under the lock
+            reason=new.reason,
+            origin_kind=new.origin_kind,
+            origin_id=new.origin_id,
+            metadata=new.metadata,
+            create_time=self.clock(),
+        )
+        key, fingerprint = _request_key("CreatePointsTransaction", request_id, store.to_json(new))
+        request = (key, fingerprint, store.to_json(ptx)) if request_id else None
+        async with self.pool.connection() as conn:
+            try:
+                posted = await store.post_transaction(conn, ptx, change, request)
+            except store.KeyTaken:
+                posted = store.Posted(None, None, await store.stored_response(conn, key))
+            if posted.points_after is not None:
+                return replace(ptx, points_after=posted.points_after)
+            prior = posted.prior
+            if prior is None and request_id:
+                # A retry that raced the first attempt waited for the account's lock, so the
+                # first attempt's response is committed by now if it succeeded.
+                prior = await store.stored_response(conn, key)
+        if prior is not None:
+            return _replay(prior, fingerprint, request_id, PointsTransaction)
+        if posted.account is None:
+            raise _account_not_found(new.account)
+        domain.check(posted.account, change)  # raises why the change was refused
+        raise AssertionError("the database refused a change the domain allows")
+
+    async def get_transaction(self, transaction_id: str) -> PointsTransaction:
+        async with self.pool.connection() as conn:
+            ptx = await store.get_transaction(conn, transaction_id)
+        if ptx is None:
+            raise _transaction_not_found(transaction_id)
+        return ptx
+
+    async def list_transactions(
+        self, where: TransactionFilter, after: int | None, limit: int
+    ) -> Page[PointsTransaction]:
+        async with self.pool.connection() as conn:
+            return await store.list_transactions(conn, where, after, limit)
+
+    async def reverse_transaction(
+        self, transaction_id: str, amount: int | None, reason: str, request_id: str = ""
+    ) -> PointsTransaction:
+        async def work(conn: Conn) -> PointsTransaction:
+            seen = await store.get_transaction(conn, transaction_id)
+            if seen is None:
+                raise _transaction_not_found(transaction_id)
+            # Lock order is account, then transaction, as in merges (which re-parent
+            # transactions while holding their accounts' locks).
+            account = await self._lock_account(conn, seen.account)
+            original = await store.get_transaction(conn, transaction_id, lock=True)
+            assert original is not None  # transactions are never deleted
+            if original.account != account.id:
+                raise _Moved
+            points = domain.check_reversal(original, amount)
+            direction = original.direction.opposite()
+            posting = domain.check(
+                account,
+                domain.change(TransactionType.REVERSE, direction, points, may_overdraw=True),
+            )
+            now = self.clock()
+            reversal = PointsTransaction(
+                id=domain.new_id("ptx_"),
+                account=account.id,
+                type=TransactionType.REVERSE,
+                direction=direction,
+                amount=points,
+                points_after=posting.balance_after,
+                reason=reason,
+                origin_kind=original.origin_kind,
+                origin_id=original.origin_id,
+                metadata={},
+                create_time=now,
+                reverses=original.id,
+            )
+            await store.add_reversed_amount(conn, original.id, points)
+            await store.insert_transaction(conn, reversal)
+            await store.save_totals(
+                conn, account.id, posting.balance_after, posting.lifetime_after, now
+            )
+            return reversal
+
+        params = {"id": transaction_id, "amount": amount, "reason": reason}
+        return await self._run(
+            "ReversePointsTransaction", request_id, params, PointsTransaction, work
+        )
+
+    # -- housekeeping --------------------------------------------------------------------
+
+    async def prune_request_ids(self, keep: timedelta) -> int:
+        """Forgets request ids older than `keep`; their retries would run again."""
+        async with self.pool.connection() as conn:
+            return await store.prune_request_keys(conn, self.clock() - keep)
+
+    # -- helpers -------------------------------------------------------------------------
+
+    async def _run(
+        self,
+        method: str,
+        request_id: str,
+        params: object,
+        result_type: type[T],
+        work: Callable[[Conn], Awaitable[T]],
+    ) -> T:
+        """Runs `work` in one transaction, once per request id (AIP-155).
+
+        The request id is claimed first, in the same transaction as the change: a retry that
+        races the first attempt waits for it and then replays its response. Only successful
+        responses are kept; a request that failed may be retried with the same id.
+        """
+        key, fingerprint = _request_key(method, request_id, params)
+        for _ in range(3):
+            try:
+                # Pipeline mode sends statements whose results are not needed yet together
+                # with the next one that is: the writes and the COMMIT go in one round trip.
+                async with self.pool.connection() as conn, conn.pipeline(), conn.transaction():
+                    if request_id:
+                        stored = await store.claim_request(conn, key, fingerprint, self.clock())
+                        if stored is not None:
+                            return _replay(stored, fingerprint, request_id, result_type)
+                    result = await work(conn)
+                    if request_id:
+                        await store.save_response(conn, key, store.to_json(result))
+                    return result
+            except _Moved:
+                continue
+        raise RuntimeError(f"{method}: the rows kept moving under concurrent merges")
+
+    @staticmethod
+    async def _lock_account(conn: Conn, account_id: str) -> Account:
+        account = await store.lock_account(conn, account_id)
+        if account is None:
+            raise _account_not_found(account_id)
+        return account
+
+    async def _save_account(self, conn: Conn, account: Account) -> None:
+        try:
+            await store.save_account(conn, account)
+        except store.ActiveCustomerTaken:
+            assert account.customer is not None
+            await self._raise_already_exists(conn, account.program, account.customer)
+
+    @staticmethod
+    async def _raise_already_exists(conn: Conn, program: str, customer: str) -> None:
+        existing = await store.find_active_account(conn, program, customer)
+        raise AccountAlreadyExists(
+            f"customer {customer} already has ACTIVE account {existing} in {program}",
+            existingAccount=existing or "",
+            program=program,
+            customer=customer,
+        )
+
+
+def _request_key(method: str, request_id: str, params: object) -> tuple[str, str]:
+    """The stored key of a request id, and the fingerprint of what it asked for."""
+    body = json.dumps(params, sort_keys=True, default=str).encode()
+    return f"{method}:{request_id}", hashlib.sha256(body).hexdigest()
+
+
+def _replay(
+    stored: store.StoredResponse, fingerprint: str, request_id: str, result_type: type[T]
+) -> T:
+    if stored.fingerprint != fingerprint:
+        raise RequestIdReused(
+            f"request_id {request_id} was used for a different request", requestId=request_id
+        )
+    return store.from_json(result_type, stored.response)
+
+
+def _account_not_found(account_id: str) -> AccountNotFound:
+    return AccountNotFound(f"account {account_id} does not exist", account=account_id)
+
+
+def _transaction_not_found(transaction_id: str) -> TransactionNotFound:
+    return TransactionNotFound(
+        f"points transaction {transaction_id} does not exist", pointsTransaction=transaction_id
+    )
+
+
+async def find_violations(pool: AsyncConnectionPool) -> list[str]:
+    """Checks the ledger's invariants; returns one line per violation.
+
+    - balance == sum(credits) - sum(debits), lifetime_points == sum(EARN and ADJUST credits);
+    - each reversed_amount equals the sum of the reversals that point at it;
+    - every points_after equals the running balance of the account it was posted to
+      (a merge adds the source's balance to its target's running balance);
+    - MERGED accounts hold nothing; no customer has two ACTIVE accounts in a program.
+    """
+    async with pool.connection() as conn:
+        # One snapshot for every query, so a ledger that is being written to checks clean.
+        await conn.set_isolation_level(IsolationLevel.REPEATABLE_READ)
+        try:
+            async with conn.transaction():
+                return await _violations(conn)
+        finally:
+            await conn.set_isolation_level(IsolationLevel.READ_COMMITTED)
+
+
+async def _violations(conn: Conn) -> list[str]:
+    found = [
+        *await store.balance_violations(conn),
+        *await store.reversal_violations(conn),
+        *await store.duplicate_active_customers(conn),
+        *await store.merged_account_violations(conn),
+    ]
+    balances = await store.account_balances(conn)
+    chain_account, running = None, 0
+    async for entry in store.points_after_chains(conn):
+        if entry.account_id != chain_account:
+            found += _chain_end(chain_account, running, balances)
+            chain_account, running = entry.account_id, 0
+        running += entry.signed_amount
+        if entry.points_after is not None and entry.points_after != running:
+            found.append(
+                f"transaction {entry.id}: points_after {entry.points_after},"
+                f" running balance {running}"
+            )
+    found += _chain_end(chain_account, running, balances)
+    return found
+
+
+def _chain_end(
+    account_id: str | None, running: int, balances: dict[str, tuple[AccountStatus, int]]
+) -> list[str]:
+    if account_id is None:
+        return []
+    status, balance = balances[account_id]
+    if status is not AccountStatus.MERGED and running != balance:
+        return [f"account {account_id}: chain ends at {running}, balance is {balance}"]
+    return []

@@ -1,0 +1,121 @@
+"""The grpc.aio server: services, health, reflection, background upkeep, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from datetime import timedelta
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from . import db, store, telemetry
+from .api import LoyaltyAccounts, PointsLedger
+from .config import Settings
+from .convert import PageTokens
+from .ledger import Ledger
+from .pb import accounts_pb2, accounts_pb2_grpc, points_pb2, points_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    accounts_pb2.DESCRIPTOR.services_by_name["LoyaltyAccounts"].full_name,
+    points_pb2.DESCRIPTOR.services_by_name["PointsLedger"].full_name,
+)
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class LoyaltyServer:
+    """One running server process: the gRPC server, its pool and its upkeep tasks."""
+
+    def __init__(self, settings: Settings, database_url: str) -> None:
+        self.settings = settings
+        self.pool = db.create_pool(
+            database_url, settings.pool_size, statement_timeout=settings.statement_timeout
+        )
+        self.ledger = Ledger(self.pool)
+        self.health = health.aio.HealthServicer()
+        self.server = grpc.aio.server(interceptors=telemetry.interceptors(settings))
+        self.port = 0
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        await self.pool.open(wait=True)
+        async with self.pool.connection() as conn:
+            tokens = PageTokens(await store.page_token_key(conn))
+        accounts_pb2_grpc.add_LoyaltyAccountsServicer_to_server(
+            LoyaltyAccounts(self.ledger, tokens), self.server
+        )
+        points_pb2_grpc.add_PointsLedgerServicer_to_server(
+            PointsLedger(self.ledger, tokens), self.server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        self.port = self.server.add_insecure_port(self.settings.listen_address)
+        await self.server.start()
+        await self._set_health(SERVING)
+        self._tasks = [
+            asyncio.create_task(self._watch_database()),
+            asyncio.create_task(self._prune_request_ids()),
+        ]
+        log.info("serving on %s (port %d)", self.settings.listen_address, self.port)
+
+    async def stop(self) -> None:
+        """Stops taking calls, lets in-flight ones finish within the grace period."""
+        await self.health.enter_graceful_shutdown()
+        for task in self._tasks:
+            task.cancel()
+        await self.server.stop(self.settings.shutdown_grace)
+        await self.pool.close()
+        log.info("stopped")
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, status)
+
+    async def _watch_database(self) -> None:
+        """NOT_SERVING while the database does not answer, so the mesh routes elsewhere."""
+        serving = True
+        while True:
+            await asyncio.sleep(self.settings.health_interval)
+            try:
+                async with asyncio.timeout(self.settings.health_interval + 1):
+                    async with self.pool.connection() as conn:
+                        await conn.execute("SELECT 1")
+                healthy = True
+            except Exception as error:  # any failure to answer means not serving
+                healthy = False
+                if serving:
+                    log.warning("database unreachable: %s", error)
+            if healthy != serving:
+                serving = healthy
+                await self._set_health(SERVING if healthy else NOT_SERVING)
+                log.info("health: %s", "SERVING" if healthy else "NOT_SERVING")
+
+    async def _prune_request_ids(self) -> None:
+        keep = timedelta(hours=self.settings.request_id_retention_hours)
+        while True:
+            try:
+                pruned = await self.ledger.prune_request_ids(keep)
+                if pruned:
+                    log.info("forgot %d request ids older than %s", pruned, keep)
+            except Exception as error:  # the next round tries again
+                log.warning("could not prune request ids: %s", error)
+            await asyncio.sleep(3600)
+
+
+async def serve(settings: Settings, database_url: str) -> None:
+    server = LoyaltyServer(settings, database_url)
+    await server.start()
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    log.info("shutting down (grace %.0fs)", settings.shutdown_grace)
+    await server.stop()

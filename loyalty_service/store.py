@@ -1,0 +1,813 @@
+"""All SQL: row locks, ledger entries, keyset pages, idempotency keys, invariant checks.
+
+Statements are written with SQLAlchemy Core against the tables in db.py and compiled once,
+at import, to psycopg's `%(name)s` form; they run on psycopg connections from the pool. So
+the hot path pays neither statement construction nor compilation per call, and psycopg
+prepares each statement on the server after a few uses.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import types
+import typing
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, fields, is_dataclass
+from datetime import datetime
+
+import sqlalchemy as sa
+from psycopg import AsyncConnection
+from psycopg import errors as pg_errors
+from psycopg.types.json import Jsonb
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+from .db import (
+    account_merges,
+    accounts,
+    idempotency_keys,
+    points_transactions,
+    programs,
+    service_settings,
+)
+from .domain import (
+    Account,
+    AccountFilter,
+    AccountStatus,
+    Change,
+    Direction,
+    OriginKind,
+    Page,
+    PointsTransaction,
+    TransactionFilter,
+    TransactionType,
+)
+
+T = typing.TypeVar("T")
+Conn = AsyncConnection[typing.Any]
+Row = typing.Any  # psycopg's namedtuple rows
+
+ACTIVE_CUSTOMER_INDEX = "uq_accounts_active_customer"
+_DIALECT = postgresql.psycopg.dialect()
+
+
+def _sql(statement: sa.ClauseElement) -> str:
+    return str(statement.compile(dialect=_DIALECT))
+
+
+def _bind(column: sa.Column) -> sa.BindParameter:
+    return sa.bindparam(column.name, type_=column.type)
+
+
+def _const(value: str | int) -> sa.ColumnElement:
+    """A constant written into the SQL. A plain Python value would become a parameter with
+    no name of ours; a literal also lets the planner match partial indexes."""
+    return sa.literal_column(f"'{value}'" if isinstance(value, str) else str(int(value)))
+
+
+class ActiveCustomerTaken(Exception):
+    """The unique index refused a second ACTIVE account for one (program, customer)."""
+
+
+# ---------------------------------------------------------------------------------------
+# Rows <-> domain objects.
+
+_ACCOUNT_COLUMNS = [c for c in accounts.c if c.name != "seq"]
+_TRANSACTION_COLUMNS = [c for c in points_transactions.c if c.name != "seq"]
+
+
+def _account(row: Row) -> Account:
+    return Account(
+        id=row.id,
+        program=row.program_id,
+        customer=row.customer,
+        status=AccountStatus(row.status),
+        balance=row.balance,
+        lifetime_points=row.lifetime_points,
+        tier=row.tier,
+        metadata=row.metadata,
+        create_time=row.create_time,
+        update_time=row.update_time,
+        merged_into=row.merged_into,
+    )
+
+
+def _transaction(row: Row) -> PointsTransaction:
+    return PointsTransaction(
+        id=row.id,
+        account=row.account_id,
+        type=TransactionType(row.type),
+        direction=Direction(row.direction),
+        amount=row.amount,
+        points_after=row.points_after,
+        reason=row.reason,
+        origin_kind=OriginKind(row.origin_kind),
+        origin_id=row.origin_id,
+        metadata=row.metadata,
+        create_time=row.create_time,
+        reverses=row.reverses_id,
+        original_account=row.original_account_id,
+        reversed_amount=row.reversed_amount,
+    )
+
+
+def _account_params(account: Account) -> dict[str, object]:
+    return {
+        "id": account.id,
+        "program_id": account.program,
+        "customer": account.customer,
+        "status": account.status.value,
+        "balance": account.balance,
+        "lifetime_points": account.lifetime_points,
+        "tier": account.tier,
+        "metadata": Jsonb(account.metadata),
+        "create_time": account.create_time,
+        "update_time": account.update_time,
+        "merged_into": account.merged_into,
+    }
+
+
+def _transaction_params(ptx: PointsTransaction) -> dict[str, object]:
+    return {
+        "id": ptx.id,
+        "account_id": ptx.account,
+        "original_account_id": ptx.original_account,
+        "type": ptx.type.value,
+        "direction": ptx.direction.value,
+        "amount": ptx.amount,
+        "points_after": ptx.points_after,
+        "reason": ptx.reason,
+        "origin_kind": ptx.origin_kind.value,
+        "origin_id": ptx.origin_id,
+        "reverses_id": ptx.reverses,
+        "reversed_amount": ptx.reversed_amount,
+        "metadata": Jsonb(ptx.metadata),
+        "create_time": ptx.create_time,
+    }
+
+
+async def _one(conn: Conn, sql: str, params: dict[str, object]) -> Row | None:
+    cursor = await conn.execute(sql, params)
+    return await cursor.fetchone()
+
+
+# ---------------------------------------------------------------------------------------
+# Programs and settings.
+
+_PROGRAM_EXISTS = _sql(sa.select(programs.c.id).where(programs.c.id == _bind(programs.c.id)))
+_PAGE_TOKEN_KEY = _sql(
+    sa.select(service_settings.c.value).where(service_settings.c.name == _const("page_token_key"))
+)
+
+
+async def program_exists(conn: Conn, program_id: str) -> bool:
+    return await _one(conn, _PROGRAM_EXISTS, {"id": program_id}) is not None
+
+
+async def page_token_key(conn: Conn) -> bytes:
+    row = await _one(conn, _PAGE_TOKEN_KEY, {})
+    assert row is not None, "the page token key is created by migration 0001"
+    return row.value.encode()
+
+
+# ---------------------------------------------------------------------------------------
+# Accounts.
+
+_ACCOUNT_ID = sa.bindparam("id", type_=sa.Text)
+_INSERT_ACCOUNT = _sql(
+    pg_insert(accounts)
+    .values({c.name: _bind(c) for c in _ACCOUNT_COLUMNS})
+    .on_conflict_do_nothing(
+        index_elements=["program_id", "customer"],
+        # A literal predicate: partial-index inference cannot match a bound parameter.
+        index_where=sa.text("status = 'ACTIVE'"),
+    )
+    .returning(accounts.c.id)
+)
+_FIND_ACTIVE_ACCOUNT = _sql(
+    sa.select(accounts.c.id).where(
+        accounts.c.program_id == _bind(accounts.c.program_id),
+        accounts.c.customer == _bind(accounts.c.customer),
+        accounts.c.status == _const("ACTIVE"),
+    )
+)
+_GET_ACCOUNT = _sql(sa.select(*_ACCOUNT_COLUMNS).where(accounts.c.id == _ACCOUNT_ID))
+_LOCK_ACCOUNT = _sql(
+    sa.select(*_ACCOUNT_COLUMNS).where(accounts.c.id == _ACCOUNT_ID).with_for_update()
+)
+_LOCK_ACCOUNTS = _sql(
+    sa.select(*_ACCOUNT_COLUMNS)
+    .where(accounts.c.id == sa.any_(sa.bindparam("ids", type_=postgresql.ARRAY(sa.Text))))
+    .order_by(accounts.c.id)
+    .with_for_update()
+)
+_SAVE_ACCOUNT = _sql(
+    sa.update(accounts)
+    .where(accounts.c.id == _ACCOUNT_ID)
+    .values(
+        {
+            c.name: _bind(c)
+            for c in _ACCOUNT_COLUMNS
+            if c.name not in ("id", "program_id", "create_time")
+        }
+    )
+)
+_SAVE_TOTALS = _sql(
+    sa.update(accounts)
+    .where(accounts.c.id == _ACCOUNT_ID)
+    .values(
+        balance=_bind(accounts.c.balance),
+        lifetime_points=_bind(accounts.c.lifetime_points),
+        update_time=_bind(accounts.c.update_time),
+    )
+)
+
+
+async def insert_account(conn: Conn, account: Account) -> bool:
+    """Inserts the account; False if the customer already has an ACTIVE one in the program.
+
+    A concurrent insert for the same customer waits on the unique index until the first
+    commits, so exactly one of any number of racing creates succeeds.
+    """
+    return await _one(conn, _INSERT_ACCOUNT, _account_params(account)) is not None
+
+
+async def find_active_account(conn: Conn, program: str, customer: str) -> str | None:
+    row = await _one(conn, _FIND_ACTIVE_ACCOUNT, {"program_id": program, "customer": customer})
+    return row.id if row else None
+
+
+async def get_account(conn: Conn, account_id: str) -> Account | None:
+    row = await _one(conn, _GET_ACCOUNT, {"id": account_id})
+    return _account(row) if row else None
+
+
+async def lock_account(conn: Conn, account_id: str) -> Account | None:
+    row = await _one(conn, _LOCK_ACCOUNT, {"id": account_id})
+    return _account(row) if row else None
+
+
+async def lock_accounts(conn: Conn, account_ids: Iterable[str]) -> dict[str, Account]:
+    """Locks the accounts' rows, always in id order, so two transactions that lock the same
+    accounts can never wait on each other in a cycle."""
+    cursor = await conn.execute(_LOCK_ACCOUNTS, {"ids": sorted(set(account_ids))})
+    return {row.id: _account(row) for row in await cursor.fetchall()}
+
+
+async def save_account(conn: Conn, account: Account) -> None:
+    """Writes a locked account's changed state.
+
+    Raises ActiveCustomerTaken (leaving the transaction usable) when the change would give
+    the customer a second ACTIVE account in the program.
+    """
+    try:
+        # A savepoint, so the transaction survives a refusal; the inner pipeline block makes
+        # the refusal surface here, inside it, also when the caller is pipelining.
+        async with conn.transaction(), conn.pipeline():
+            await conn.execute(_SAVE_ACCOUNT, _account_params(account))
+    except pg_errors.UniqueViolation as error:
+        if error.diag.constraint_name == ACTIVE_CUSTOMER_INDEX:
+            raise ActiveCustomerTaken from None
+        raise
+
+
+async def save_totals(
+    conn: Conn, account_id: str, balance: int, lifetime_points: int, now: datetime
+) -> None:
+    await conn.execute(
+        _SAVE_TOTALS,
+        {
+            "id": account_id,
+            "balance": balance,
+            "lifetime_points": lifetime_points,
+            "update_time": now,
+        },
+    )
+
+
+@functools.cache
+def _list_accounts_sql(program: bool, customer: bool, status: bool, after: bool) -> str:
+    statement = sa.select(*_ACCOUNT_COLUMNS, accounts.c.seq)
+    if program:
+        statement = statement.where(accounts.c.program_id == _bind(accounts.c.program_id))
+    if customer:
+        statement = statement.where(accounts.c.customer == _bind(accounts.c.customer))
+    if status:
+        statement = statement.where(accounts.c.status == _bind(accounts.c.status))
+    return _sql(_keyset(statement, accounts.c.seq, after))
+
+
+async def list_accounts(
+    conn: Conn, where: AccountFilter, after: int | None, limit: int
+) -> Page[Account]:
+    sql = _list_accounts_sql(
+        where.program is not None,
+        where.customer is not None,
+        where.status is not None,
+        after is not None,
+    )
+    params = {
+        "program_id": where.program,
+        "customer": where.customer,
+        "status": where.status.value if where.status else None,
+        "after": after,
+        "limit": limit + 1,
+    }
+    cursor = await conn.execute(sql, params)
+    return _page(await cursor.fetchall(), limit, _account)
+
+
+# ---------------------------------------------------------------------------------------
+# Points transactions.
+
+_TRANSACTION_ID = sa.bindparam("id", type_=sa.Text)
+_INSERT_TRANSACTION = _sql(
+    sa.insert(points_transactions).values({c.name: _bind(c) for c in _TRANSACTION_COLUMNS})
+)
+_GET_TRANSACTION = _sql(
+    sa.select(*_TRANSACTION_COLUMNS).where(points_transactions.c.id == _TRANSACTION_ID)
+)
+_LOCK_TRANSACTION = _sql(
+    sa.select(*_TRANSACTION_COLUMNS)
+    .where(points_transactions.c.id == _TRANSACTION_ID)
+    .with_for_update()
+)
+_ADD_REVERSED_AMOUNT = _sql(
+    sa.update(points_transactions)
+    .where(points_transactions.c.id == _TRANSACTION_ID)
+    .values(
+        reversed_amount=points_transactions.c.reversed_amount
+        + sa.bindparam("amount", type_=sa.BigInteger)
+    )
+)
+
+
+def _post_transaction_sql(with_request_id: bool) -> str:
+    """One statement that posts a transaction: lock the account, change its totals within
+    the bounds, insert the ledger row and, with a request id, store the response.
+
+    One round trip and its implicit transaction: the row lock is held only while PostgreSQL
+    runs it. With a request id, a response already stored for it is returned instead (and
+    nothing changes); if a racing retry stores one first, the key insert fails and the
+    whole statement, change included, is undone. Written out, because its shape is the point.
+    """
+    prior = (
+        "prior AS (SELECT fingerprint, response FROM idempotency_keys WHERE key = :key),"
+        if with_request_id
+        else ""
+    )
+    not_replayed = "AND NOT EXISTS (SELECT 1 FROM prior)" if with_request_id else ""
+    saved = (
+        """, saved AS (
+            INSERT INTO idempotency_keys (key, fingerprint, response, create_time)
+            SELECT :key, :fingerprint,
+                   jsonb_set(CAST(:response AS jsonb), '{points_after}', to_jsonb(points_after)),
+                   :create_time
+            FROM posted
+        )"""
+        if with_request_id
+        else ""
+    )
+    prior_columns = (
+        "(SELECT fingerprint FROM prior) AS prior_fingerprint,"
+        " (SELECT response FROM prior) AS prior_response,"
+        if with_request_id
+        else "NULL AS prior_fingerprint, NULL AS prior_response,"
+    )
+    names = [c.name for c in _ACCOUNT_COLUMNS]
+    columns = ", ".join(f"locked.{name}" for name in names)
+    return _sql(
+        sa.text(f"""
+        WITH {prior}
+        locked AS (
+            SELECT {", ".join(names)} FROM accounts WHERE id = :account_id FOR UPDATE
+        ), moved AS (
+            UPDATE accounts SET balance = accounts.balance + :delta,
+                lifetime_points = accounts.lifetime_points + :lifetime_delta,
+                update_time = :create_time
+            FROM locked
+            WHERE accounts.id = locked.id AND locked.status = 'ACTIVE'
+              AND locked.balance + :delta BETWEEN :min_balance AND :max_balance
+              {not_replayed}
+            RETURNING accounts.balance
+        ), posted AS (
+            INSERT INTO points_transactions (id, account_id, original_account_id, type,
+                direction, amount, points_after, reason, origin_kind, origin_id, reverses_id,
+                reversed_amount, metadata, create_time)
+            SELECT :id, :account_id, NULL, :type, :direction, :amount, moved.balance, :reason,
+                :origin_kind, :origin_id, NULL, 0, :metadata, :create_time
+            FROM moved
+            RETURNING points_after
+        ){saved}
+        SELECT {prior_columns} (SELECT points_after FROM posted) AS points_after, {columns}
+        FROM (SELECT 1) AS one LEFT JOIN locked ON true
+        """)
+    )
+
+
+_POST_TRANSACTION = _post_transaction_sql(with_request_id=False)
+_POST_TRANSACTION_ONCE = _post_transaction_sql(with_request_id=True)
+
+
+@dataclass(frozen=True)
+class Posted:
+    """What the posting statement saw and did."""
+
+    account: Account | None  # the locked account before the change; None if it does not exist
+    points_after: int | None  # set when the transaction was posted
+    prior: StoredResponse | None  # set when the request id had a stored response
+
+
+async def post_transaction(
+    conn: Conn,
+    ptx: PointsTransaction,
+    change: Change,
+    request: tuple[str, str, object] | None = None,
+) -> Posted:
+    """Posts `ptx` (its points_after is filled in by the database) if the locked account is
+    ACTIVE and the change keeps its balance within bounds. `request` is (key, fingerprint,
+    response to store) for an idempotent request.
+
+    Raises KeyTaken when a concurrent request stored a response for the key first.
+    """
+    params = {
+        **_transaction_params(ptx),
+        "delta": change.delta,
+        "lifetime_delta": change.lifetime_delta,
+        "min_balance": change.min_balance,
+        "max_balance": change.max_balance,
+    }
+    if request is not None:
+        key, fingerprint, response = request
+        params.update(key=key, fingerprint=fingerprint, response=Jsonb(response))
+    try:
+        row = await _one(conn, _POST_TRANSACTION_ONCE if request else _POST_TRANSACTION, params)
+    except pg_errors.UniqueViolation as error:
+        if error.diag.constraint_name == "pk_idempotency_keys":
+            raise KeyTaken from None
+        raise
+    assert row is not None
+    prior = None
+    if row.prior_fingerprint is not None:
+        prior = StoredResponse(row.prior_fingerprint, row.prior_response)
+    return Posted(
+        account=_account(row) if row.id is not None else None,
+        points_after=row.points_after,
+        prior=prior,
+    )
+
+
+class KeyTaken(Exception):
+    """A concurrent request stored its response under the same request key first."""
+
+
+async def insert_transaction(conn: Conn, ptx: PointsTransaction) -> None:
+    await conn.execute(_INSERT_TRANSACTION, _transaction_params(ptx))
+
+
+async def get_transaction(
+    conn: Conn, transaction_id: str, *, lock: bool = False
+) -> PointsTransaction | None:
+    row = await _one(conn, _LOCK_TRANSACTION if lock else _GET_TRANSACTION, {"id": transaction_id})
+    return _transaction(row) if row else None
+
+
+async def add_reversed_amount(conn: Conn, transaction_id: str, amount: int) -> None:
+    await conn.execute(_ADD_REVERSED_AMOUNT, {"id": transaction_id, "amount": amount})
+
+
+@functools.cache
+def _list_transactions_sql(account: bool, type_: bool, direction: bool, after: bool) -> str:
+    table = points_transactions
+    statement = sa.select(*_TRANSACTION_COLUMNS, table.c.seq)
+    if account:
+        statement = statement.where(table.c.account_id == _bind(table.c.account_id))
+    if type_:
+        statement = statement.where(table.c.type == _bind(table.c.type))
+    if direction:
+        statement = statement.where(table.c.direction == _bind(table.c.direction))
+    return _sql(_keyset(statement, table.c.seq, after))
+
+
+async def list_transactions(
+    conn: Conn, where: TransactionFilter, after: int | None, limit: int
+) -> Page[PointsTransaction]:
+    sql = _list_transactions_sql(
+        where.account is not None,
+        where.type is not None,
+        where.direction is not None,
+        after is not None,
+    )
+    params = {
+        "account_id": where.account,
+        "type": where.type.value if where.type else None,
+        "direction": where.direction.value if where.direction else None,
+        "after": after,
+        "limit": limit + 1,
+    }
+    cursor = await conn.execute(sql, params)
+    return _page(await cursor.fetchall(), limit, _transaction)
+
+
+# ---------------------------------------------------------------------------------------
+# Merges.
+
+_LAST_TRANSACTION_SEQ = _sql(
+    sa.select(
+        sa.func.coalesce(sa.func.max(points_transactions.c.seq), _const(0)).label("seq")
+    ).where(
+        points_transactions.c.account_id
+        == sa.any_(sa.bindparam("ids", type_=postgresql.ARRAY(sa.Text)))
+    )
+)
+_REPARENT_TRANSACTIONS = _sql(
+    sa.update(points_transactions)
+    .where(points_transactions.c.account_id == sa.bindparam("source", type_=sa.Text))
+    .values(
+        account_id=sa.bindparam("target", type_=sa.Text),
+        original_account_id=sa.func.coalesce(
+            points_transactions.c.original_account_id, sa.bindparam("source", type_=sa.Text)
+        ),
+    )
+)
+_RECORD_MERGE = _sql(sa.insert(account_merges).values({c.name: _bind(c) for c in account_merges.c}))
+
+
+async def last_transaction_seq(conn: Conn, account_ids: Iterable[str]) -> int:
+    row = await _one(conn, _LAST_TRANSACTION_SEQ, {"ids": list(account_ids)})
+    assert row is not None
+    return row.seq
+
+
+async def reparent_transactions(conn: Conn, source: str, target: str) -> None:
+    await conn.execute(_REPARENT_TRANSACTIONS, {"source": source, "target": target})
+
+
+async def record_merge(
+    conn: Conn, source: Account, target: str, after_seq: int, now: datetime
+) -> None:
+    await conn.execute(
+        _RECORD_MERGE,
+        {
+            "source_id": source.id,
+            "target_id": target,
+            "balance_moved": source.balance,
+            "lifetime_moved": source.lifetime_points,
+            "after_seq": after_seq,
+            "create_time": now,
+        },
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Keyset pages.
+
+
+def _keyset(statement: sa.Select, seq: sa.Column, after: bool) -> sa.Select:
+    # Newest first. One extra row (limit is page size + 1) tells whether a page follows.
+    if after:
+        statement = statement.where(seq < sa.bindparam("after", type_=sa.BigInteger))
+    return statement.order_by(seq.desc()).limit(sa.bindparam("limit", type_=sa.Integer))
+
+
+def _page(rows: list[Row], limit: int, convert: typing.Callable[[Row], T]) -> Page[T]:
+    items = rows[:limit]
+    next_after = items[-1].seq if len(rows) > limit else None
+    return Page([convert(row) for row in items], next_after)
+
+
+# ---------------------------------------------------------------------------------------
+# Idempotency keys.
+
+_CLAIM_REQUEST = _sql(
+    pg_insert(idempotency_keys)
+    .values(
+        key=_bind(idempotency_keys.c.key),
+        fingerprint=_bind(idempotency_keys.c.fingerprint),
+        create_time=_bind(idempotency_keys.c.create_time),
+    )
+    .on_conflict_do_nothing(index_elements=["key"])
+    .returning(idempotency_keys.c.key)
+)
+_STORED_RESPONSE = _sql(
+    sa.select(idempotency_keys.c.fingerprint, idempotency_keys.c.response).where(
+        idempotency_keys.c.key == _bind(idempotency_keys.c.key)
+    )
+)
+_SAVE_RESPONSE = _sql(
+    sa.update(idempotency_keys)
+    .where(idempotency_keys.c.key == _bind(idempotency_keys.c.key))
+    .values(response=_bind(idempotency_keys.c.response))
+)
+_PRUNE_REQUESTS = _sql(
+    sa.delete(idempotency_keys).where(
+        idempotency_keys.c.create_time < sa.bindparam("before", type_=sa.DateTime(timezone=True))
+    )
+)
+
+
+@dataclass(frozen=True)
+class StoredResponse:
+    fingerprint: str
+    response: dict
+
+
+async def claim_request(
+    conn: Conn, key: str, fingerprint: str, now: datetime
+) -> StoredResponse | None:
+    """Claims a request key for this transaction, or returns the response stored for it.
+
+    A concurrent claim of the same key waits on the primary key until the first transaction
+    ends: if that one commits, this returns its response; if it rolls back, this one claims.
+    """
+    params = {"key": key, "fingerprint": fingerprint, "create_time": now}
+    if await _one(conn, _CLAIM_REQUEST, params) is not None:
+        return None
+    stored = await stored_response(conn, key)
+    assert stored is not None, "a conflicting key is committed before the conflict shows"
+    return stored
+
+
+async def stored_response(conn: Conn, key: str) -> StoredResponse | None:
+    row = await _one(conn, _STORED_RESPONSE, {"key": key})
+    return StoredResponse(row.fingerprint, row.response) if row else None
+
+
+async def save_response(conn: Conn, key: str, response: object) -> None:
+    await conn.execute(_SAVE_RESPONSE, {"key": key, "response": Jsonb(response)})
+
+
+async def prune_request_keys(conn: Conn, before: datetime) -> int:
+    cursor = await conn.execute(_PRUNE_REQUESTS, {"before": before})
+    return cursor.rowcount
+
+
+def to_json(value: object) -> object:
+    """A domain object as JSON-ready data, for stored responses."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_json(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {key: to_json(item) for key, item in value.items()}
+    return value
+
+
+def from_json(kind: type[T], data: object) -> T:
+    """The inverse of to_json for the domain's dataclasses."""
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        if data is None:
+            return None  # type: ignore[return-value]
+        (inner,) = [arg for arg in typing.get_args(kind) if arg is not type(None)]
+        return from_json(inner, data)
+    if is_dataclass(kind):
+        hints = typing.get_type_hints(kind)
+        return kind(**{name: from_json(hints[name], value) for name, value in data.items()})  # type: ignore[union-attr]
+    if kind is datetime:
+        return datetime.fromisoformat(data)  # type: ignore[return-value,arg-type]
+    if isinstance(kind, type) and issubclass(kind, enum.Enum):
+        return kind(data)
+    return data  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------
+# Invariant checks; each query returns the rows that break one.
+
+_ptx = points_transactions
+_signed = sa.case((_ptx.c.direction == _const("CREDIT"), _ptx.c.amount), else_=-_ptx.c.amount)
+_lifetime = sa.case(
+    (
+        sa.and_(
+            _ptx.c.direction == _const("CREDIT"),
+            _ptx.c.type.in_([_const("EARN"), _const("ADJUST")]),
+        ),
+        _ptx.c.amount,
+    ),
+    else_=_const(0),
+)
+_ledger_sums = (
+    sa.select(
+        _ptx.c.account_id,
+        sa.func.sum(_signed).label("balance"),
+        sa.func.sum(_lifetime).label("lifetime"),
+    )
+    .group_by(_ptx.c.account_id)
+    .subquery()
+)
+_ledger_balance = sa.func.coalesce(_ledger_sums.c.balance, _const(0))
+_ledger_lifetime = sa.func.coalesce(_ledger_sums.c.lifetime, _const(0))
+_BALANCE_VIOLATIONS = _sql(
+    sa.select(
+        accounts.c.id,
+        accounts.c.balance,
+        accounts.c.lifetime_points,
+        _ledger_balance.label("ledger_balance"),
+        _ledger_lifetime.label("ledger_lifetime"),
+    )
+    .select_from(accounts.outerjoin(_ledger_sums, _ledger_sums.c.account_id == accounts.c.id))
+    .where(
+        sa.or_(
+            accounts.c.balance != _ledger_balance, accounts.c.lifetime_points != _ledger_lifetime
+        )
+    )
+)
+_reversal = _ptx.alias("reversal")
+_reversal_sums = (
+    sa.select(_reversal.c.reverses_id, sa.func.sum(_reversal.c.amount).label("reversed"))
+    .where(_reversal.c.reverses_id.is_not(None))
+    .group_by(_reversal.c.reverses_id)
+    .subquery()
+)
+_REVERSAL_VIOLATIONS = _sql(
+    sa.select(_ptx.c.id, _ptx.c.reversed_amount, _reversal_sums.c.reversed)
+    .select_from(_ptx.outerjoin(_reversal_sums, _reversal_sums.c.reverses_id == _ptx.c.id))
+    .where(_ptx.c.reversed_amount != sa.func.coalesce(_reversal_sums.c.reversed, _const(0)))
+)
+_DUPLICATE_ACTIVE_CUSTOMERS = _sql(
+    sa.select(accounts.c.program_id, accounts.c.customer, sa.func.count().label("n"))
+    .where(accounts.c.status == _const("ACTIVE"), accounts.c.customer.is_not(None))
+    .group_by(accounts.c.program_id, accounts.c.customer)
+    .having(sa.func.count() > _const(1))
+)
+_MERGED_ACCOUNT_VIOLATIONS = _sql(
+    sa.select(accounts.c.id, accounts.c.balance, accounts.c.lifetime_points).where(
+        accounts.c.status == _const("MERGED"),
+        sa.or_(accounts.c.balance != _const(0), accounts.c.lifetime_points != _const(0)),
+    )
+)
+# Every transaction under the account it was posted to, and every merge under its target,
+# in posting order; a merge comes right after the transaction whose seq it records.
+_chain_entries = sa.union_all(
+    sa.select(
+        sa.func.coalesce(_ptx.c.original_account_id, _ptx.c.account_id).label("account_id"),
+        _ptx.c.seq.label("seq"),
+        _const(1).label("kind_order"),
+        _ptx.c.id.label("id"),
+        _signed.label("signed_amount"),
+        _ptx.c.points_after.label("points_after"),
+    ),
+    sa.select(
+        account_merges.c.target_id,
+        account_merges.c.after_seq,
+        _const(2),
+        account_merges.c.source_id,
+        account_merges.c.balance_moved,
+        sa.null(),
+    ),
+).subquery()
+_CHAIN_ENTRIES = _sql(
+    sa.select(_chain_entries).order_by(
+        _chain_entries.c.account_id, _chain_entries.c.seq, _chain_entries.c.kind_order
+    )
+)
+_ACCOUNT_BALANCES = _sql(sa.select(accounts.c.id, accounts.c.status, accounts.c.balance))
+
+
+async def _all(conn: Conn, sql: str) -> list[Row]:
+    cursor = await conn.execute(sql)
+    return await cursor.fetchall()
+
+
+async def balance_violations(conn: Conn) -> list[str]:
+    """Accounts whose cached totals disagree with their ledger."""
+    return [
+        f"account {r.id}: balance {r.balance} / lifetime {r.lifetime_points}, ledger says"
+        f" {r.ledger_balance} / {r.ledger_lifetime}"
+        for r in await _all(conn, _BALANCE_VIOLATIONS)
+    ]
+
+
+async def reversal_violations(conn: Conn) -> list[str]:
+    """Transactions whose reversed_amount disagrees with the reversals that point at them."""
+    return [
+        f"transaction {r.id}: reversed_amount {r.reversed_amount}, reversals sum {r.reversed}"
+        for r in await _all(conn, _REVERSAL_VIOLATIONS)
+    ]
+
+
+async def duplicate_active_customers(conn: Conn) -> list[str]:
+    return [
+        f"customer {r.customer} has {r.n} ACTIVE accounts in {r.program_id}"
+        for r in await _all(conn, _DUPLICATE_ACTIVE_CUSTOMERS)
+    ]
+
+
+async def merged_account_violations(conn: Conn) -> list[str]:
+    return [
+        f"merged account {r.id} still holds {r.balance} / {r.lifetime_points}"
+        for r in await _all(conn, _MERGED_ACCOUNT_VIOLATIONS)
+    ]
+
+
+async def points_after_chains(conn: Conn) -> AsyncIterator[Row]:
+    """Streams the chain entries row by row, so a large ledger is never held in memory."""
+    async for row in conn.cursor().stream(_CHAIN_ENTRIES):
+        yield row
+
+
+async def account_balances(conn: Conn) -> dict[str, tuple[AccountStatus, int]]:
+    return {r.id: (AccountStatus(r.status), r.balance) for r in await _all(conn, _ACCOUNT_BALANCES)}

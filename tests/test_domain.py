@@ -1,0 +1,120 @@
+"""The ledger's rules as plain Python."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime
+
+import pytest
+
+from loyalty_service import domain
+from loyalty_service.domain import (
+    Account,
+    AccountStatus,
+    Direction,
+    OriginKind,
+    PointsTransaction,
+    TransactionType,
+)
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+ACCOUNT = Account(
+    id="loy_" + "a" * 20,
+    program="prog_default",
+    customer="cust_1",
+    status=AccountStatus.ACTIVE,
+    balance=100,
+    lifetime_points=150,
+    tier="",
+    metadata={},
+    create_time=NOW,
+    update_time=NOW,
+)
+
+
+def transaction(type_: TransactionType, direction: Direction, amount: int, reversed_: int = 0):
+    return PointsTransaction(
+        id="ptx_" + "a" * 20,
+        account=ACCOUNT.id,
+        type=type_,
+        direction=direction,
+        amount=amount,
+        points_after=0,
+        reason="",
+        origin_kind=OriginKind.MANUAL,
+        origin_id="",
+        metadata={},
+        create_time=NOW,
+        reversed_amount=reversed_,
+    )
+
+
+@pytest.mark.parametrize(
+    ("type_", "direction", "amount", "balance", "lifetime"),
+    [
+        (TransactionType.EARN, Direction.CREDIT, 10, 110, 160),
+        (TransactionType.ADJUST, Direction.CREDIT, 10, 110, 160),
+        (TransactionType.REVERSE, Direction.CREDIT, 10, 110, 150),
+        (TransactionType.REDEEM, Direction.DEBIT, 100, 0, 150),
+        (TransactionType.ADJUST, Direction.DEBIT, 30, 70, 150),
+        (TransactionType.EXPIRE, Direction.DEBIT, 1, 99, 150),
+    ],
+)
+def test_post_moves_balance_and_lifetime(type_, direction, amount, balance, lifetime):
+    change = domain.change(type_, direction, amount)
+    assert domain.check(ACCOUNT, change) == domain.Posting(balance, lifetime)
+
+
+def test_debits_may_not_overdraw_except_reversals():
+    with pytest.raises(domain.InsufficientPoints) as caught:
+        domain.check(ACCOUNT, domain.change(TransactionType.REDEEM, Direction.DEBIT, 101))
+    assert caught.value.metadata == {"balance": "100", "requested": "101"}
+    change = domain.change(TransactionType.REVERSE, Direction.DEBIT, 130, may_overdraw=True)
+    assert change == domain.Change(delta=-130, lifetime_delta=0, min_balance=domain.NO_FLOOR)
+    assert domain.check(ACCOUNT, change) == domain.Posting(-30, 150)
+
+
+def test_balance_limit():
+    rich = replace(ACCOUNT, balance=domain.MAX_BALANCE)
+    with pytest.raises(domain.BalanceLimitExceeded):
+        domain.check(rich, domain.change(TransactionType.EARN, Direction.CREDIT, 1))
+
+
+@pytest.mark.parametrize("status", [AccountStatus.CLOSED, AccountStatus.MERGED])
+def test_inactive_accounts_take_nothing(status):
+    with pytest.raises(domain.AccountNotActive) as caught:
+        domain.check(
+            replace(ACCOUNT, status=status),
+            domain.change(TransactionType.EARN, Direction.CREDIT, 1),
+        )
+    assert caught.value.reason == "ACCOUNT_NOT_ACTIVE"
+
+
+def test_reversal_amounts():
+    earned = transaction(TransactionType.EARN, Direction.CREDIT, 50, reversed_=20)
+    assert domain.check_reversal(earned, None) == 30
+    assert domain.check_reversal(earned, 30) == 30
+    with pytest.raises(domain.AlreadyReversed) as caught:
+        domain.check_reversal(earned, 31)
+    assert caught.value.metadata["reversible"] == "30"
+    with pytest.raises(domain.AlreadyReversed):
+        domain.check_reversal(replace(earned, reversed_amount=50), None)
+    with pytest.raises(domain.NotReversible):
+        domain.check_reversal(transaction(TransactionType.REVERSE, Direction.DEBIT, 5), None)
+
+
+def test_merge_rules():
+    other = replace(ACCOUNT, id="loy_" + "b" * 20, balance=5, lifetime_points=7)
+    domain.check_merge(ACCOUNT, other)
+    assert domain.merged_target(other, ACCOUNT, NOW).balance == 105
+    assert domain.merged_target(other, ACCOUNT, NOW).lifetime_points == 157
+    with pytest.raises(domain.ProgramMismatch):
+        domain.check_merge(ACCOUNT, replace(other, program="prog_other"))
+    with pytest.raises(domain.AccountNotActive):
+        domain.check_merge(ACCOUNT, replace(other, status=AccountStatus.CLOSED))
+
+
+def test_new_ids():
+    ids = {domain.new_id("loy_") for _ in range(1000)}
+    assert len(ids) == 1000
+    assert all(domain.ACCOUNT_ID.match(i) for i in ids)

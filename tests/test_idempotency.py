@@ -1,0 +1,139 @@
+"""AIP-155 request ids: a retry returns the first response and has no second effect."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import grpc
+
+from loyalty_service import db
+from loyalty_service.ledger import Ledger
+from loyalty_service.pb import accounts_pb2, points_pb2
+from tests.support import (
+    EARN,
+    MERGED,
+    REDEEM,
+    create_account,
+    fails,
+    funded_account,
+    get,
+    post,
+    unique,
+)
+
+REUSED = (grpc.StatusCode.INVALID_ARGUMENT, "REQUEST_ID_REUSED")
+
+
+def test_create_transaction_retry(accounts, points):
+    account = funded_account(accounts, points, 100)
+    request_id = unique("req")
+    first = post(points, account.id, REDEEM, 40, request_id=request_id)
+    post(points, account.id, REDEEM, 10)
+    again = post(points, account.id, REDEEM, 40, request_id=request_id)
+
+    assert again == first
+    assert get(accounts, account.id).balance == 50
+    found = fails(
+        points.CreatePointsTransaction,
+        points_pb2.CreatePointsTransactionRequest(
+            account=account.id, type=REDEEM, amount=41, request_id=request_id
+        ),
+        *REUSED,
+    )
+    assert found.metadata == {"requestId": request_id}
+
+
+def test_request_ids_are_scoped_per_method(accounts, points):
+    request_id = unique("req")
+    account = create_account(accounts, request_id=request_id)
+    earned = post(points, account.id, EARN, 5, request_id=request_id)
+    assert earned.points_after == 5
+
+
+def test_create_account_retry_returns_the_first_account_not_already_exists(accounts):
+    request = accounts_pb2.CreateAccountRequest(
+        program="prog_default", customer=unique(), request_id=unique("req")
+    )
+    first = accounts.CreateAccount(request)
+    assert accounts.CreateAccount(request) == first
+    other = accounts_pb2.CreateAccountRequest(
+        program="prog_default", customer=unique(), request_id=request.request_id
+    )
+    fails(accounts.CreateAccount, other, *REUSED)
+
+
+def test_account_retries_return_the_first_snapshot(accounts, points):
+    account = funded_account(accounts, points, 30)
+    close = accounts_pb2.CloseAccountRequest(id=account.id, request_id=unique("req"))
+    closed = accounts.CloseAccount(close)
+    accounts.ReopenAccount(accounts_pb2.ReopenAccountRequest(id=account.id))
+    # The retry replays the first response; it does not close the account again.
+    assert accounts.CloseAccount(close) == closed
+    assert get(accounts, account.id).status == accounts_pb2.Account.STATUS_ACTIVE
+
+
+def test_merge_and_reverse_retries(accounts, points):
+    source = funded_account(accounts, points, 20)
+    target = funded_account(accounts, points, 5)
+    merge = accounts_pb2.MergeAccountsRequest(
+        source=source.id, target=target.id, request_id=unique("req")
+    )
+    merged = accounts.MergeAccounts(merge)
+    assert accounts.MergeAccounts(merge) == merged
+    assert merged.source.status == MERGED
+
+    earned = post(points, target.id, EARN, 50)
+    reverse = points_pb2.ReversePointsTransactionRequest(
+        id=earned.id, amount=10, request_id=unique("req")
+    )
+    first = points.ReversePointsTransaction(reverse)
+    assert points.ReversePointsTransaction(reverse) == first
+    assert get(accounts, target.id).balance == 65
+
+
+def test_a_failed_request_may_be_retried(accounts, points):
+    account = create_account(accounts)
+    request = points_pb2.CreatePointsTransactionRequest(
+        account=account.id, type=REDEEM, amount=5, request_id=unique("req")
+    )
+    fails(
+        points.CreatePointsTransaction,
+        request,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "INSUFFICIENT_POINTS",
+    )
+    post(points, account.id, EARN, 5)
+    assert points.CreatePointsTransaction(request).points_after == 0
+
+
+class StepClock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def test_request_ids_are_kept_for_the_retention_period(databases):
+    url = databases.create()
+
+    async def scenario() -> None:
+        clock = StepClock(datetime(2026, 1, 1, tzinfo=UTC))
+        async with db.create_pool(url, size=2) as pool:
+            ledger = Ledger(pool, clock)
+            account = await ledger.create_account("prog_default", "c1", {}, "req-1")
+            clock.now += timedelta(hours=47)
+            assert await ledger.prune_request_ids(timedelta(hours=48)) == 0
+            replay = await ledger.create_account("prog_default", "c1", {}, "req-1")
+            assert replay == account
+
+            clock.now += timedelta(hours=2)
+            assert await ledger.prune_request_ids(timedelta(hours=48)) == 1
+            async with pool.connection() as conn:
+                cursor = await conn.execute("SELECT count(*) AS n FROM idempotency_keys")
+                assert (await cursor.fetchone()).n == 0
+
+    asyncio.run(scenario())
