@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -98,6 +98,7 @@ class ServiceProcess:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.database_url = database_url
+        self._stopped: tuple[int, str] | None = None
         environment = {
             **os.environ,
             "LOYALTY_DATABASE_URL": database_url,
@@ -115,7 +116,11 @@ class ServiceProcess:
             stderr=subprocess.STDOUT,
             text=True,
         )
-        self.wait_serving()
+        try:
+            self.wait_serving()
+        except BaseException:
+            self.stop()
+            raise
 
     def health(self, service: str = "") -> int:
         with grpc.insecure_channel(self.address) as channel:
@@ -136,14 +141,17 @@ class ServiceProcess:
         raise TimeoutError("server did not become SERVING")
 
     def stop(self) -> tuple[int, str]:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            output, _ = self.process.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            output, _ = self.process.communicate()
-        return self.process.returncode, output
+        """SIGTERM, then the exit code and everything the process printed. Idempotent."""
+        if self._stopped is None:
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
+            try:
+                output, _ = self.process.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                output, _ = self.process.communicate()
+            self._stopped = (self.process.returncode, output)
+        return self._stopped
 
 
 @pytest.fixture(scope="session")
@@ -153,6 +161,21 @@ def service(database_url: str) -> Iterator[ServiceProcess]:
     code, output = process.stop()
     assert code == 0, output
     assert "Traceback" not in output, output
+
+
+@pytest.fixture
+def start_replica() -> Iterator[Callable[..., ServiceProcess]]:
+    """Starts more server processes; whatever a test leaves running is stopped after it,
+    also when the test fails half-way."""
+    started: list[ServiceProcess] = []
+
+    def start(database_url: str, **env: str) -> ServiceProcess:
+        started.append(ServiceProcess(database_url, **env))
+        return started[-1]
+
+    yield start
+    for process in started:
+        process.stop()
 
 
 @pytest.fixture(scope="session")
