@@ -39,7 +39,16 @@ lint: protos
 	$(BIN)/ruff format --check .
 	$(BIN)/buf lint
 
-bench: protos
+# The benchmark's load generator is C++ on Debian's gRPC (libgrpc++-dev), installed here
+# when missing, so the client costs the shared cores about what pgbench costs them.
+LOADGEN := $(BIN)/loyalty-loadgen
+$(LOADGEN): benchmarks/loadgen.cc $(VENV)/.installed
+	pkg-config --exists grpc++ || $(APT_INSTALL) libgrpc++-dev pkg-config
+	g++ -O2 -std=c++17 -o $@ $< $$(pkg-config --cflags --libs grpc++)
+
+APT_INSTALL := $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y --no-install-recommends
+
+bench: protos $(LOADGEN)
 	$(BIN)/python -m benchmarks.run
 
 clean:

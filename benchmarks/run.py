@@ -19,16 +19,17 @@ import asyncio
 import os
 import random
 import re
-import resource
 import secrets
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -38,7 +39,7 @@ from sqlalchemy.engine import make_url
 
 from loyalty_service import db, store
 from loyalty_service.ledger import find_violations
-from loyalty_service.pb import accounts_pb2, accounts_pb2_grpc, points_pb2, points_pb2_grpc
+from loyalty_service.pb import accounts_pb2, points_pb2, points_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 PGBENCH = "pgbench"
@@ -58,64 +59,75 @@ def free_port() -> int:
 
 
 # ---------------------------------------------------------------------------------------
-# Load from grpc.aio clients, in this process (the server runs in its own).
+# Load from the C++ load generator (benchmarks/loadgen.cc), built by `make bench`.
+
+LOADGEN = ROOT / ".venv" / "bin" / "loyalty-loadgen"
 
 
-def cpu_seconds(pid: int | None = None) -> float:
-    """CPU time (user + system) of a process: this one, or `pid` (Linux)."""
-    if pid is None:
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        return usage.ru_utime + usage.ru_stime
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used so far (Linux)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def drive(
-    call: Callable[[int], Awaitable[object]],
-    concurrency: int,
-    warmup: float,
-    seconds: float,
-    server_pid: int | None = None,
-) -> tuple[float, list[float]]:
-    """Runs `call` from `concurrency` coroutines; returns (ops/s, latencies in ms) of the
-    timed window only. With `server_pid`, also prints the CPU each side spent per call."""
-    latencies: list[float] = []
-    counted = 0
-    start = time.monotonic()
-    measure_from = start + warmup
-    stop = measure_from + seconds
+@dataclass(frozen=True)
+class Load:
+    ops: float
+    p50_ms: float
+    p99_ms: float
 
-    async def sample_cpu() -> None:
-        await asyncio.sleep(warmup)
-        before = cpu_seconds(server_pid), cpu_seconds()
-        await asyncio.sleep(seconds)
-        server, client = cpu_seconds(server_pid) - before[0], cpu_seconds() - before[1]
-        calls = max(counted, 1)
-        print(
-            f"CPU {getattr(call, '__name__', 'call')}: server {server / calls * 1e6:.0f} us/call,"
-            f" load generator {client / calls * 1e6:.0f} us/call",
-            flush=True,
+
+def write_requests(path: Path, requests: Iterable[bytes]) -> Path:
+    with path.open("wb") as handle:
+        for body in requests:
+            handle.write(struct.pack("<I", len(body)) + body)
+    return path
+
+
+def drive(
+    address: str,
+    method: str,
+    requests: Path,
+    args: argparse.Namespace,
+    server_pid: int,
+    *,
+    cycle: bool = False,
+) -> Load:
+    """Runs the load generator for one timed window; prints the CPU each side spent per call.
+
+    Every call in the window must succeed: a failed call would make the figures lie.
+    """
+    command = [
+        str(LOADGEN), "--target", address, "--method", method, "--requests", str(requests),
+        "--concurrency", str(args.concurrency), "--channels", str(args.channels),
+        "--warmup", str(args.warmup), "--seconds", str(args.seconds), *(["--cycle"] * cycle),
+    ]  # fmt: skip
+    loadgen = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    time.sleep(args.warmup)
+    before = cpu_seconds(server_pid), cpu_seconds(loadgen.pid)
+    time.sleep(args.seconds)
+    server, client = cpu_seconds(server_pid) - before[0], cpu_seconds(loadgen.pid) - before[1]
+    output, _ = loadgen.communicate()
+    if loadgen.returncode != 0:
+        raise RuntimeError(f"load generator failed ({loadgen.returncode}): {output}")
+    found = re.search(
+        r"ops=(?P<ops>\S+) p50_ms=(?P<p50>\S+) p99_ms=(?P<p99>\S+) calls=(?P<calls>\d+)"
+        r" errors=(?P<errors>\d+) first_error=(?P<first_error>.*)",
+        output,
+    )
+    assert found is not None, output
+    if found["errors"] != "0":
+        raise RuntimeError(
+            f"{method}: {found['errors']} calls failed, first: {found['first_error']}"
         )
-
-    async def worker(worker_id: int) -> None:
-        nonlocal counted
-        i = 0
-        while (now := time.monotonic()) < stop:
-            await call(worker_id * 1_000_000 + i)
-            i += 1
-            done = time.monotonic()
-            if now >= measure_from and done <= stop:
-                counted += 1
-                latencies.append((done - now) * 1000)
-
-    sampler = [sample_cpu()] if server_pid else []
-    await asyncio.gather(*(worker(w) for w in range(concurrency)), *sampler)
-    return counted / seconds, latencies
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))] if ordered else 0.0
+    calls = max(int(found["calls"]), 1)
+    name = method.rsplit("/", 1)[1]
+    print(
+        f"CPU {name}: server {server / calls * 1e6:.0f} us/call,"
+        f" load generator {client / calls * 1e6:.0f} us/call",
+        flush=True,
+    )
+    return Load(float(found["ops"]), float(found["p50"]), float(found["p99"]))
 
 
 # ---------------------------------------------------------------------------------------
@@ -232,16 +244,16 @@ class Server:
             [sys.executable, "-m", "loyalty_service", "serve"], env=env, cwd=ROOT
         )
 
-    async def wait_serving(self, channel: grpc.aio.Channel) -> None:
+    def wait_serving(self, channel: grpc.Channel) -> None:
         stub = health_pb2_grpc.HealthStub(channel)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.RpcError:
-                await asyncio.sleep(0.2)
+                time.sleep(0.2)
         raise TimeoutError("the service did not start")
 
     def stop(self) -> None:
@@ -253,96 +265,94 @@ class Server:
                 self.process.kill()
 
 
-def report(name: str, service_ops: float, baseline_ops: float, latencies: list[float]) -> None:
+def report(name: str, service: Load, baseline_ops: float) -> None:
     print(
-        f"RESULT scenario={name} service_ops={service_ops:.0f} baseline_ops={baseline_ops:.0f}"
-        f" ratio={service_ops / baseline_ops:.2f} p50_ms={percentile(latencies, 0.5):.2f}"
-        f" p99_ms={percentile(latencies, 0.99):.2f}",
+        f"RESULT scenario={name} service_ops={service.ops:.0f} baseline_ops={baseline_ops:.0f}"
+        f" ratio={service.ops / baseline_ops:.2f} p50_ms={service.p50_ms:.2f}"
+        f" p99_ms={service.p99_ms:.2f}",
         flush=True,
     )
 
 
-async def benchmark(url: str, args: argparse.Namespace) -> None:
+def earn_requests(run: str, count: int, pick: Callable[[int], tuple[str, int]]) -> Iterator[bytes]:
+    """`count` serialized earns (or redeems), each with a request_id of its own."""
+    for i in range(count):
+        account, type_ = pick(i)
+        yield points_pb2.CreatePointsTransactionRequest(
+            account=account, type=type_, amount=random.randint(1, 10), request_id=f"{run}-{i}"
+        ).SerializeToString()
+
+
+def benchmark(url: str, args: argparse.Namespace, tmp: Path) -> None:
     seed(url, args.accounts)
     server = Server(url, args.pool_size)
-    channels = [grpc.aio.insecure_channel(server.address) for _ in range(args.channels)]
     try:
-        await server.wait_serving(channels[0])
-        accounts = [accounts_pb2_grpc.LoyaltyAccountsStub(c) for c in channels]
-        points = [points_pb2_grpc.PointsLedgerStub(c) for c in channels]
-        health = [health_pb2_grpc.HealthStub(c) for c in channels]
-        width = len(channels)
-        await points[0].CreatePointsTransaction(
-            points_pb2.CreatePointsTransactionRequest(
-                account=HOT_ACCOUNT, type=EARN, amount=1_000_000, reason="seed"
+        with grpc.insecure_channel(server.address) as channel:
+            server.wait_serving(channel)
+            points_pb2_grpc.PointsLedgerStub(channel).CreatePointsTransaction(
+                points_pb2.CreatePointsTransactionRequest(
+                    account=HOT_ACCOUNT, type=EARN, amount=1_000_000, reason="seed"
+                )
             )
-        )
         run = secrets.token_hex(4)
-        window = (args.concurrency, args.warmup, args.seconds)
-
-        async def uniform_earn(i: int) -> object:
-            return await points[i % width].CreatePointsTransaction(
-                points_pb2.CreatePointsTransactionRequest(
-                    account=account_id(random.randint(1, args.accounts)),
-                    type=EARN,
-                    amount=random.randint(1, 10),
-                    request_id=f"{run}-u-{i}",
-                )
-            )
-
-        async def hot_account(i: int) -> object:
-            return await points[i % width].CreatePointsTransaction(
-                points_pb2.CreatePointsTransactionRequest(
-                    account=HOT_ACCOUNT,
-                    type=EARN if i % 2 else REDEEM,
-                    amount=random.randint(1, 10),
-                    request_id=f"{run}-h-{i}",
-                )
-            )
-
-        # Requests built ahead, so the load generator spends its share of the two cores
-        # on calls rather than on building them.
-        reads = [
-            accounts_pb2.GetAccountRequest(id=account_id(random.randint(1, args.accounts)))
-            for _ in range(4096)
-        ]
-
-        async def get_account(i: int) -> object:
-            return await accounts[i % width].GetAccount(reads[i % 4096])
-
-        empty = health_pb2.HealthCheckRequest()
-
-        async def empty_rpc(i: int) -> object:
-            return await health[i % width].Check(empty)
+        # Enough unique requests for the window at several times the rates seen here.
+        count = int((args.warmup + args.seconds) * 10_000)
+        uniform = write_requests(
+            tmp / "uniform.bin",
+            earn_requests(
+                f"{run}-u", count, lambda i: (account_id(random.randint(1, args.accounts)), EARN)
+            ),
+        )
+        hot = write_requests(
+            tmp / "hot.bin",
+            earn_requests(f"{run}-h", count, lambda i: (HOT_ACCOUNT, EARN if i % 2 else REDEEM)),
+        )
+        reads = write_requests(
+            tmp / "reads.bin",
+            (
+                accounts_pb2.GetAccountRequest(
+                    id=account_id(random.randint(1, args.accounts))
+                ).SerializeToString()
+                for _ in range(4096)
+            ),
+        )
+        empty = write_requests(tmp / "empty.bin", [b""])
 
         unique = "\\set k random(1, 9000000000000000000)\n\\set amount random(1, 10)"
         uniform_header = f"{unique}\n\\set n random(1, {args.accounts})"
         hot_header = f"{unique}\n\\set up random(0, 1)"
+        earn_method = "/vinr.loyalty.v1.PointsLedger/CreatePointsTransaction"
         scenarios = [
-            ("uniform_earn", uniform_earn, pgbench_script(PGBENCH_PARAMS, uniform_header)),
-            ("hot_account", hot_account, pgbench_script(HOT_PARAMS, hot_header)),
-            ("get_account", get_account, None),
+            ("uniform_earn", earn_method, uniform, pgbench_script(PGBENCH_PARAMS, uniform_header)),
+            ("hot_account", earn_method, hot, pgbench_script(HOT_PARAMS, hot_header)),
+            ("get_account", "/vinr.loyalty.v1.LoyaltyAccounts/GetAccount", reads, None),
         ]
         if args.show_sql:
-            print(scenarios[0][2])
-        for name, call, script in scenarios:
+            print(scenarios[0][3])
+        pid = server.process.pid
+        for name, method, requests, script in scenarios:
             if args.only and name not in args.only:
                 continue
-            service_ops, latencies = await drive(call, *window, server.process.pid)
+            load = drive(server.address, method, requests, args, pid, cycle=script is None)
             if script is None:
-                baseline_ops, _ = await drive(empty_rpc, *window, server.process.pid)
+                empty_rpc = drive(
+                    server.address, "/grpc.health.v1.Health/Check", empty, args, pid, cycle=True
+                )
+                baseline_ops = empty_rpc.ops
             else:
-                baseline_ops = run_pgbench(url, script, *window)
-            report(name, service_ops, baseline_ops, latencies)
-        async with db.create_pool(url, size=1) as pool:
-            violations = await find_violations(pool)
+                baseline_ops = run_pgbench(url, script, args.concurrency, args.warmup, args.seconds)
+            report(name, load, baseline_ops)
+        violations = asyncio.run(_violations(url))
         print(f"ledger invariants after the run: {len(violations)} violations", flush=True)
         for line in violations[:20]:
             print(line)
     finally:
-        for channel in channels:
-            await channel.close()
         server.stop()
+
+
+async def _violations(url: str) -> list[str]:
+    async with db.create_pool(url, size=1, statement_timeout=0) as pool:
+        return await find_violations(pool)
 
 
 def create_database(server_url: str) -> str:
@@ -380,7 +390,7 @@ def main() -> None:
             server_url = postgres.get_uri()
         url = create_database(server_url)
         try:
-            asyncio.run(benchmark(url, args))
+            benchmark(url, args, Path(tmp))
         finally:
             if not external:
                 postgres.cleanup()
