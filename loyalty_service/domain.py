@@ -279,6 +279,17 @@ def check(account: Account, change_: Change) -> Posting:
     return Posting(balance_after, account.lifetime_points + change_.lifetime_delta)
 
 
+def as_posted(transaction: PointsTransaction) -> PointsTransaction:
+    """The transaction as it was when posted: only merges change a ledger row afterwards
+    (moving it to another account), and reversals (counting what they reversed)."""
+    return replace(
+        transaction,
+        account=transaction.original_account or transaction.account,
+        original_account=None,
+        reversed_amount=0,
+    )
+
+
 def reversible_amount(transaction: PointsTransaction) -> int:
     return transaction.amount - transaction.reversed_amount
 

@@ -217,13 +217,19 @@ class Ledger:
             metadata=new.metadata,
             create_time=self.clock(),
         )
-        key, fingerprint = _request_key("CreatePointsTransaction", request_id, store.to_json(new))
-        request = (key, fingerprint, store.to_json(ptx)) if request_id else None
+        # What the request asked for, in a fixed order, for its fingerprint.
+        asked = [
+            new.account, new.type, new.direction, new.amount, new.reason,
+            new.origin_kind, new.origin_id, new.metadata,
+        ]  # fmt: skip
+        key, fingerprint = _request_key("CreatePointsTransaction", request_id, asked)
         async with self.pool.connection() as conn:
             try:
-                posted = await store.post_transaction(conn, ptx, change, request)
+                posted = await store.post_transaction(
+                    conn, ptx, change, (key, fingerprint) if request_id else None
+                )
             except store.KeyTaken:
-                posted = store.Posted(None, None, await store.stored_response(conn, key))
+                posted = store.Posted(None, prior=await store.stored_response(conn, key))
             if posted.points_after is not None:
                 return replace(ptx, points_after=posted.points_after)
             prior = posted.prior
@@ -231,8 +237,11 @@ class Ledger:
                 # A retry that raced the first attempt waited for the account's lock, so the
                 # first attempt's response is committed by now if it succeeded.
                 prior = await store.stored_response(conn, key)
-        if prior is not None:
-            return _replay(prior, fingerprint, request_id, PointsTransaction)
+            if prior is not None:
+                _check_fingerprint(prior, fingerprint, request_id)
+                first = await store.get_transaction(conn, prior.response)
+                assert first is not None  # transactions are never deleted
+                return domain.as_posted(first)
         if posted.account is None:
             raise _account_not_found(new.account)
         domain.check(posted.account, change)  # raises why the change was refused
@@ -370,13 +379,17 @@ def _request_key(method: str, request_id: str, params: object) -> tuple[str, str
     return f"{method}:{request_id}", hashlib.sha256(body).hexdigest()
 
 
-def _replay(
-    stored: store.StoredResponse, fingerprint: str, request_id: str, result_type: type[T]
-) -> T:
+def _check_fingerprint(stored: store.StoredResponse, fingerprint: str, request_id: str) -> None:
     if stored.fingerprint != fingerprint:
         raise RequestIdReused(
             f"request_id {request_id} was used for a different request", requestId=request_id
         )
+
+
+def _replay(
+    stored: store.StoredResponse, fingerprint: str, request_id: str, result_type: type[T]
+) -> T:
+    _check_fingerprint(stored, fingerprint, request_id)
     return store.from_json(result_type, stored.response)
 
 

@@ -345,12 +345,14 @@ _ADD_REVERSED_AMOUNT = _sql(
 
 def _post_transaction_sql(with_request_id: bool) -> str:
     """One statement that posts a transaction: lock the account, change its totals within
-    the bounds, insert the ledger row and, with a request id, store the response.
+    the bounds, insert the ledger row and, with a request id, remember it.
 
     One round trip and its implicit transaction: the row lock is held only while PostgreSQL
     runs it. With a request id, a response already stored for it is returned instead (and
     nothing changes); if a racing retry stores one first, the key insert fails and the
-    whole statement, change included, is undone. Written out, because its shape is the point.
+    whole statement, change included, is undone. The response stored is the transaction's
+    id: the ledger row is the response (see domain.as_posted). Written out, because its
+    shape is the point.
     """
     prior = (
         "prior AS (SELECT fingerprint, response FROM idempotency_keys WHERE key = :key),"
@@ -361,9 +363,7 @@ def _post_transaction_sql(with_request_id: bool) -> str:
     saved = (
         """, saved AS (
             INSERT INTO idempotency_keys (key, fingerprint, response, create_time)
-            SELECT :key, :fingerprint,
-                   jsonb_set(CAST(:response AS jsonb), '{points_after}', to_jsonb(points_after)),
-                   :create_time
+            SELECT :key, :fingerprint, to_jsonb(CAST(:id AS text)), :create_time
             FROM posted
         )"""
         if with_request_id
@@ -414,33 +414,40 @@ _POST_TRANSACTION_ONCE = _post_transaction_sql(with_request_id=True)
 class Posted:
     """What the posting statement saw and did."""
 
-    account: Account | None  # the locked account before the change; None if it does not exist
     points_after: int | None  # set when the transaction was posted
-    prior: StoredResponse | None  # set when the request id had a stored response
+    # When it was not: the locked account before the change (None if it does not exist) ...
+    account: Account | None = None
+    # ... and the response stored for the request id, if it had one.
+    prior: StoredResponse | None = None
 
 
 async def post_transaction(
-    conn: Conn,
-    ptx: PointsTransaction,
-    change: Change,
-    request: tuple[str, str, object] | None = None,
+    conn: Conn, ptx: PointsTransaction, change: Change, request: tuple[str, str] | None = None
 ) -> Posted:
     """Posts `ptx` (its points_after is filled in by the database) if the locked account is
-    ACTIVE and the change keeps its balance within bounds. `request` is (key, fingerprint,
-    response to store) for an idempotent request.
+    ACTIVE and the change keeps its balance within bounds. `request` is (key, fingerprint)
+    for an idempotent request; its stored response is the transaction's id.
 
     Raises KeyTaken when a concurrent request stored a response for the key first.
     """
     params = {
-        **_transaction_params(ptx),
+        "id": ptx.id,
+        "account_id": ptx.account,
+        "type": ptx.type.value,
+        "direction": ptx.direction.value,
+        "amount": ptx.amount,
+        "reason": ptx.reason,
+        "origin_kind": ptx.origin_kind.value,
+        "origin_id": ptx.origin_id,
+        "metadata": Jsonb(ptx.metadata),
+        "create_time": ptx.create_time,
         "delta": change.delta,
         "lifetime_delta": change.lifetime_delta,
         "min_balance": change.min_balance,
         "max_balance": change.max_balance,
     }
     if request is not None:
-        key, fingerprint, response = request
-        params.update(key=key, fingerprint=fingerprint, response=Jsonb(response))
+        params["key"], params["fingerprint"] = request
     try:
         row = await _one(conn, _POST_TRANSACTION_ONCE if request else _POST_TRANSACTION, params)
     except pg_errors.UniqueViolation as error:
@@ -448,14 +455,12 @@ async def post_transaction(
             raise KeyTaken from None
         raise
     assert row is not None
+    if row.points_after is not None:
+        return Posted(row.points_after)
     prior = None
     if row.prior_fingerprint is not None:
         prior = StoredResponse(row.prior_fingerprint, row.prior_response)
-    return Posted(
-        account=_account(row) if row.id is not None else None,
-        points_after=row.points_after,
-        prior=prior,
-    )
+    return Posted(None, account=_account(row) if row.id is not None else None, prior=prior)
 
 
 class KeyTaken(Exception):
@@ -610,7 +615,7 @@ _PRUNE_REQUESTS = _sql(
 @dataclass(frozen=True)
 class StoredResponse:
     fingerprint: str
-    response: dict
+    response: typing.Any  # JSON: the response, or what rebuilds it
 
 
 async def claim_request(

@@ -44,6 +44,36 @@ def test_create_transaction_retry(accounts, points):
     assert found.metadata == {"requestId": request_id}
 
 
+def test_posting_retry_after_a_merge_and_a_reversal_returns_the_first_response(accounts, points):
+    """The stored response of a posting is its ledger row, which a merge re-parents and a
+    reversal counts against: the retry must still see the transaction as first posted."""
+    source = funded_account(accounts, points, 10)
+    target = funded_account(accounts, points, 5)
+    request = points_pb2.CreatePointsTransactionRequest(
+        account=source.id,
+        type=EARN,
+        amount=40,
+        reason="Purchase earn",
+        origin=points_pb2.Origin(kind=points_pb2.Origin.KIND_PAYMENT, id="pay_1"),
+        metadata={"store": "12"},
+        request_id=unique("req"),
+    )
+    first = points.CreatePointsTransaction(request)
+    points.ReversePointsTransaction(
+        points_pb2.ReversePointsTransactionRequest(id=first.id, amount=15)
+    )
+    accounts.MergeAccounts(accounts_pb2.MergeAccountsRequest(source=source.id, target=target.id))
+
+    again = points.CreatePointsTransaction(request)
+    assert again.SerializeToString(deterministic=True) == first.SerializeToString(
+        deterministic=True
+    )
+    assert (again.account, again.original_account, again.points_after) == (source.id, "", 50)
+    moved = points.GetPointsTransaction(points_pb2.GetPointsTransactionRequest(id=first.id))
+    assert (moved.account, moved.original_account) == (target.id, source.id)
+    assert get(accounts, target.id).balance == 5 + 50 - 15
+
+
 def test_request_ids_are_scoped_per_method(accounts, points):
     request_id = unique("req")
     account = create_account(accounts, request_id=request_id)
