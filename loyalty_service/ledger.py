@@ -3,14 +3,16 @@ visible in its body."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 from psycopg import IsolationLevel
+from psycopg.errors import DeadlockDetected
 from psycopg_pool import AsyncConnectionPool
 
 from . import domain, store
@@ -47,6 +49,71 @@ class _Moved(Exception):
     """A merge moved a transaction to another account between our read and our lock."""
 
 
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+class Batches(Generic[Item, Result]):
+    """Group commit: calls that arrive while a batch runs wait, and run together in the next.
+
+    A call that finds nothing running starts a batch of its own at once, so an idle service
+    answers as fast as without batching; under load one statement and one commit serve many
+    calls, which is what lets two cores keep up (docs/benchmarks.md). One batch runs at a
+    time. `keys` names what may appear only once in a batch (for postings: the account and
+    the request key); a call whose keys are taken waits for a later batch.
+    """
+
+    def __init__(
+        self,
+        run: Callable[[list[Item]], Awaitable[list[Result]]],
+        keys: Callable[[Item], tuple[object, ...]],
+        max_size: int = 100,
+    ) -> None:
+        self._run = run
+        self._keys = keys
+        self._max_size = max_size
+        self._waiting: list[tuple[Item, asyncio.Future[Result]]] = []
+        self._runner: asyncio.Task[None] | None = None
+
+    async def submit(self, item: Item) -> Result:
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._waiting.append((item, future))
+        if self._runner is None:
+            self._runner = asyncio.create_task(self._run_batches())
+        return await future
+
+    def _next_batch(self) -> list[tuple[Item, asyncio.Future[Result]]]:
+        """The waiting calls with no key in common, oldest first; the rest wait on."""
+        batch, later, taken = [], [], set()
+        for entry in self._waiting:
+            keys = self._keys(entry[0])
+            if entry[1].done():  # cancelled while waiting
+                continue
+            if len(batch) < self._max_size and taken.isdisjoint(keys):
+                batch.append(entry)
+                taken.update(keys)
+            else:
+                later.append(entry)
+        self._waiting = later
+        return batch
+
+    async def _run_batches(self) -> None:
+        try:
+            while batch := self._next_batch():
+                try:
+                    results = await self._run([item for item, _ in batch])
+                except Exception as error:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(error)
+                else:
+                    for (_, future), result in zip(batch, results, strict=True):
+                        if not future.done():  # the call was cancelled meanwhile
+                            future.set_result(result)
+        finally:
+            self._runner = None
+
+
 @dataclass(frozen=True)
 class AccountChanges:
     """What UpdateAccount changes; None leaves a field as it is."""
@@ -60,6 +127,7 @@ class Ledger:
     def __init__(self, pool: AsyncConnectionPool, clock: Clock = system_clock) -> None:
         self.pool = pool
         self.clock = clock
+        self._postings = Batches(self._post_batch, keys=_posting_keys)
 
     # -- accounts ------------------------------------------------------------------------
 
@@ -223,29 +291,51 @@ class Ledger:
             new.origin_kind, new.origin_id, new.metadata,
         ]  # fmt: skip
         key, fingerprint = _request_key("CreatePointsTransaction", request_id, asked)
-        async with self.pool.connection() as conn:
-            try:
-                posted = await store.post_transaction(
-                    conn, ptx, change, (key, fingerprint) if request_id else None
-                )
-            except store.KeyTaken:
-                posted = store.Posted(None, prior=await store.stored_response(conn, key))
-            if posted.points_after is not None:
-                return replace(ptx, points_after=posted.points_after)
-            prior = posted.prior
-            if prior is None and request_id:
-                # A retry that raced the first attempt waited for the account's lock, so the
-                # first attempt's response is committed by now if it succeeded.
-                prior = await store.stored_response(conn, key)
-            if prior is not None:
-                _check_fingerprint(prior, fingerprint, request_id)
-                first = await store.get_transaction(conn, prior.response)
-                assert first is not None  # transactions are never deleted
-                return domain.as_posted(first)
+        posting = store.NewPosting(ptx, change, (key, fingerprint) if request_id else None)
+        posted = await self._postings.submit(posting)
+        if posted.points_after is None and posted.prior is None:
+            # The batch left it alone: on its own, the posting waits for the account's lock
+            # and finds why it is refused, if it is.
+            posted = await self._post_alone(posting)
+        if posted.points_after is not None:
+            return replace(ptx, points_after=posted.points_after)
+        if posted.prior is not None:
+            _check_fingerprint(posted.prior, fingerprint, request_id)
+            async with self.pool.connection() as conn:
+                first = await store.get_transaction(conn, posted.prior.response)
+            assert first is not None  # transactions are never deleted
+            return domain.as_posted(first)
         if posted.account is None:
             raise _account_not_found(new.account)
         domain.check(posted.account, change)  # raises why the change was refused
         raise AssertionError("the database refused a change the domain allows")
+
+    async def _post_batch(self, postings: list[store.NewPosting]) -> list[store.Posted]:
+        async with self.pool.connection() as conn:
+            try:
+                return await store.post_transactions(conn, postings)
+            except (store.KeyTaken, DeadlockDetected):
+                # A racing retry of one of them stored its response first (or, across
+                # replicas, two batches raced for the same keys): nothing of this batch was
+                # written, and each posting goes again on its own.
+                return [store.Posted(None)] * len(postings)
+
+    async def _post_alone(self, posting: store.NewPosting) -> store.Posted:
+        async with self.pool.connection() as conn:
+            try:
+                posted = await store.post_transaction(
+                    conn, posting.ptx, posting.change, posting.request
+                )
+            except store.KeyTaken:
+                assert posting.request is not None
+                prior = await store.stored_response(conn, posting.request[0])
+                return store.Posted(None, prior=prior)
+            if posted.points_after is None and posted.prior is None and posting.request:
+                # A retry that raced the first attempt waited for the account's lock, so the
+                # first attempt's response is committed by now if it succeeded.
+                prior = await store.stored_response(conn, posting.request[0])
+                posted = replace(posted, prior=prior)
+        return posted
 
     async def get_transaction(self, transaction_id: str) -> PointsTransaction:
         async with self.pool.connection() as conn:
@@ -371,6 +461,13 @@ class Ledger:
             program=program,
             customer=customer,
         )
+
+
+def _posting_keys(posting: store.NewPosting) -> tuple[object, ...]:
+    """What may appear only once in a batch of postings: the account and the request key."""
+    if posting.request is None:
+        return (posting.ptx.account,)
+    return (posting.ptx.account, posting.request[0])
 
 
 def _request_key(method: str, request_id: str, params: object) -> tuple[str, str]:
