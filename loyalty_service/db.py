@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -166,6 +168,22 @@ def create_pool(
         kwargs={"autocommit": True, "row_factory": namedtuple_row},
         configure=configure,
     )
+
+
+@asynccontextmanager
+async def connection(pool: AsyncConnectionPool) -> AsyncIterator[AsyncConnection]:
+    """A connection from the pool, for one call.
+
+    pool.connection() also wraps the connection in `async with conn`, whose commit check on
+    the way out costs ~40 µs a call (measured); ours are autocommit, and every transaction is
+    closed by its own `conn.transaction()` block. putconn still rolls back a connection that
+    comes back inside a transaction, and discards a broken one.
+    """
+    conn = await pool.getconn()
+    try:
+        yield conn
+    finally:
+        await pool.putconn(conn)
 
 
 def start_embedded(data_dir: Path) -> str:

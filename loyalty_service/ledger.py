@@ -15,7 +15,7 @@ from psycopg import IsolationLevel
 from psycopg.errors import DeadlockDetected
 from psycopg_pool import AsyncConnectionPool
 
-from . import domain, store
+from . import db, domain, store
 from .domain import (
     Account,
     AccountAlreadyExists,
@@ -163,7 +163,7 @@ class Ledger:
         return await self._run("CreateAccount", request_id, params, Account, work)
 
     async def get_account(self, account_id: str) -> Account:
-        async with self.pool.connection() as conn:
+        async with db.connection(self.pool) as conn:
             account = await store.get_account(conn, account_id)
         if account is None:
             raise _account_not_found(account_id)
@@ -172,7 +172,7 @@ class Ledger:
     async def list_accounts(
         self, where: AccountFilter, after: int | None, limit: int
     ) -> Page[Account]:
-        async with self.pool.connection() as conn:
+        async with db.connection(self.pool) as conn:
             return await store.list_accounts(conn, where, after, limit)
 
     async def update_account(
@@ -301,7 +301,7 @@ class Ledger:
             return replace(ptx, points_after=posted.points_after)
         if posted.prior is not None:
             _check_fingerprint(posted.prior, fingerprint, request_id)
-            async with self.pool.connection() as conn:
+            async with db.connection(self.pool) as conn:
                 first = await store.get_transaction(conn, posted.prior.response)
             assert first is not None  # transactions are never deleted
             return domain.as_posted(first)
@@ -311,7 +311,7 @@ class Ledger:
         raise AssertionError("the database refused a change the domain allows")
 
     async def _post_batch(self, postings: list[store.NewPosting]) -> list[store.Posted]:
-        async with self.pool.connection() as conn:
+        async with db.connection(self.pool) as conn:
             try:
                 return await store.post_transactions(conn, postings)
             except (store.KeyTaken, DeadlockDetected):
@@ -321,7 +321,7 @@ class Ledger:
                 return [store.Posted(None)] * len(postings)
 
     async def _post_alone(self, posting: store.NewPosting) -> store.Posted:
-        async with self.pool.connection() as conn:
+        async with db.connection(self.pool) as conn:
             try:
                 posted = await store.post_transaction(
                     conn, posting.ptx, posting.change, posting.request
@@ -338,7 +338,7 @@ class Ledger:
         return posted
 
     async def get_transaction(self, transaction_id: str) -> PointsTransaction:
-        async with self.pool.connection() as conn:
+        async with db.connection(self.pool) as conn:
             ptx = await store.get_transaction(conn, transaction_id)
         if ptx is None:
             raise _transaction_not_found(transaction_id)
@@ -347,7 +347,7 @@ class Ledger:
     async def list_transactions(
         self, where: TransactionFilter, after: int | None, limit: int
     ) -> Page[PointsTransaction]:
-        async with self.pool.connection() as conn:
+        async with db.connection(self.pool) as conn:
             return await store.list_transactions(conn, where, after, limit)
 
     async def reverse_transaction(
@@ -401,7 +401,7 @@ class Ledger:
 
     async def prune_request_ids(self, keep: timedelta) -> int:
         """Forgets request ids older than `keep`; their retries would run again."""
-        async with self.pool.connection() as conn:
+        async with db.connection(self.pool) as conn:
             return await store.prune_request_keys(conn, self.clock() - keep)
 
     # -- helpers -------------------------------------------------------------------------
@@ -425,7 +425,7 @@ class Ledger:
             try:
                 # Pipeline mode sends statements whose results are not needed yet together
                 # with the next one that is: the writes and the COMMIT go in one round trip.
-                async with self.pool.connection() as conn, conn.pipeline(), conn.transaction():
+                async with db.connection(self.pool) as conn, conn.pipeline(), conn.transaction():
                     if request_id:
                         stored = await store.claim_request(conn, key, fingerprint, self.clock())
                         if stored is not None:
