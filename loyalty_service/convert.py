@@ -47,6 +47,10 @@ _ORIGIN_TO_PB = {k: OriginPb.Kind.Value(f"KIND_{k.value}") for k in OriginKind}
 _ORIGIN_FROM_PB = {v: k for k, v in _ORIGIN_TO_PB.items()}
 
 
+# PostgreSQL text cannot hold U+0000, so a string with one could never be stored.
+_NUL = "must not contain the character U+0000"
+
+
 @dataclass
 class Violations:
     """Collects every problem with a request, so one error names them all."""
@@ -75,6 +79,8 @@ class Violations:
     def text(self, field_path: str, value: str, max_length: int) -> str:
         if len(value) > max_length:
             self.add(field_path, f"is longer than {max_length} characters")
+        if "\x00" in value:
+            self.add(field_path, _NUL)
         return value
 
     def metadata(self, field_path: str, value: Mapping[str, str]) -> dict[str, str]:
@@ -91,6 +97,8 @@ class Violations:
                     f"{field_path}[{key[:40]}]",
                     f"values must be at most {domain.MAX_METADATA_VALUE_LENGTH} characters",
                 )
+            if "\x00" in key or "\x00" in item:
+                self.add(f"{field_path}[{key[:40]}]", _NUL)
         return dict(value)
 
     def amount(self, field_path: str, value: int) -> int:

@@ -6,13 +6,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Generic, TypeVar
 
-from psycopg import IsolationLevel
-from psycopg.errors import DeadlockDetected
+import psycopg
+from psycopg import InterfaceError, IsolationLevel, OperationalError
+from psycopg.errors import TransactionRollback
 from psycopg_pool import AsyncConnectionPool
 
 from . import db, domain, store
@@ -38,6 +40,7 @@ from .domain import (
 from .store import Conn
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 Clock = Callable[[], datetime]
 
 
@@ -60,7 +63,9 @@ class Batches(Generic[Item, Result]):
     answers as fast as without batching; under load one statement and one commit serve many
     calls, which is what lets two cores keep up (docs/benchmarks.md). One batch runs at a
     time. `keys` names what may appear only once in a batch (for postings: the account and
-    the request key); a call whose keys are taken waits for a later batch.
+    the request key); a call whose keys are taken waits for a later batch. When
+    `max_waiting` calls wait already, `submit` returns None and the caller goes alone, so
+    the queue (and the work of forming a batch from it) stays bounded.
     """
 
     def __init__(
@@ -68,27 +73,39 @@ class Batches(Generic[Item, Result]):
         run: Callable[[list[Item]], Awaitable[list[Result]]],
         keys: Callable[[Item], tuple[object, ...]],
         max_size: int = 100,
+        max_waiting: int = 500,
     ) -> None:
         self._run = run
         self._keys = keys
         self._max_size = max_size
+        self._max_waiting = max_waiting
         self._waiting: list[tuple[Item, asyncio.Future[Result]]] = []
         self._runner: asyncio.Task[None] | None = None
 
-    async def submit(self, item: Item) -> Result:
+    def submit(self, item: Item) -> asyncio.Future[Result] | None:
+        """The future result of `item`, or None when too many calls wait already."""
+        if len(self._waiting) >= self._max_waiting:
+            return None
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._waiting.append((item, future))
-        if self._runner is None:
+        if self._runner is None or self._runner.done():
             self._runner = asyncio.create_task(self._run_batches())
-        return await future
+            self._runner.add_done_callback(self._runner_done)
+        return future
+
+    def _runner_done(self, runner: asyncio.Task[None]) -> None:
+        if runner.cancelled():  # the loop is closing: nobody may be left waiting forever
+            for _, future in self._waiting:
+                future.cancel()
+            self._waiting = []
 
     def _next_batch(self) -> list[tuple[Item, asyncio.Future[Result]]]:
         """The waiting calls with no key in common, oldest first; the rest wait on."""
         batch, later, taken = [], [], set()
         for entry in self._waiting:
-            keys = self._keys(entry[0])
             if entry[1].done():  # cancelled while waiting
                 continue
+            keys = self._keys(entry[0])
             if len(batch) < self._max_size and taken.isdisjoint(keys):
                 batch.append(entry)
                 taken.update(keys)
@@ -98,20 +115,21 @@ class Batches(Generic[Item, Result]):
         return batch
 
     async def _run_batches(self) -> None:
-        try:
-            while batch := self._next_batch():
-                try:
-                    results = await self._run([item for item, _ in batch])
-                except Exception as error:
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(error)
-                else:
-                    for (_, future), result in zip(batch, results, strict=True):
-                        if not future.done():  # the call was cancelled meanwhile
-                            future.set_result(result)
-        finally:
-            self._runner = None
+        while batch := self._next_batch():
+            try:
+                results = await self._run([item for item, _ in batch])
+            except Exception as error:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(error)
+                continue
+            except BaseException:
+                for _, future in batch:  # cancelled; the waiting ones: see _runner_done
+                    future.cancel()
+                raise
+            for (_, future), result in zip(batch, results, strict=True):
+                if not future.done():  # the call was cancelled meanwhile
+                    future.set_result(result)
 
 
 @dataclass(frozen=True)
@@ -292,7 +310,8 @@ class Ledger:
         ]  # fmt: skip
         key, fingerprint = _request_key("CreatePointsTransaction", request_id, asked)
         posting = store.NewPosting(ptx, change, (key, fingerprint) if request_id else None)
-        posted = await self._postings.submit(posting)
+        batched = self._postings.submit(posting)
+        posted = await batched if batched is not None else store.Posted(None)
         if posted.points_after is None and posted.prior is None:
             # The batch left it alone: on its own, the posting waits for the account's lock
             # and finds why it is refused, if it is.
@@ -314,10 +333,15 @@ class Ledger:
         async with db.connection(self.pool) as conn:
             try:
                 return await store.post_transactions(conn, postings)
-            except (store.KeyTaken, DeadlockDetected):
-                # A racing retry of one of them stored its response first (or, across
-                # replicas, two batches raced for the same keys): nothing of this batch was
-                # written, and each posting goes again on its own.
+            except (store.KeyTaken, psycopg.Error) as error:
+                unreachable = isinstance(error, OperationalError | InterfaceError)
+                if unreachable and not isinstance(error, TransactionRollback):
+                    raise  # the database is unreachable or too slow: so it is for each of them
+                # A racing retry of one of them stored its response first (across replicas:
+                # a deadlock on two such keys), or the database refused one of them. Nothing
+                # of the batch was written; each posting goes again on its own, so that
+                # none can fail the others.
+                log.debug("batch of %d postings posted one by one: %r", len(postings), error)
                 return [store.Posted(None)] * len(postings)
 
     async def _post_alone(self, posting: store.NewPosting) -> store.Posted:

@@ -484,14 +484,15 @@ _POST_TRANSACTIONS = _sql(
         WHERE k.key = ANY (ARRAY(SELECT key FROM request))
     ), locked AS (
         -- A row that another transaction holds is skipped, not waited for: its posting is
-        -- left for the caller to post alone. So a batch never waits on a row lock.
+        -- left for the caller to post alone. So a batch never waits on a row lock (only,
+        -- rarely, on another transaction's insert of the same request key).
         SELECT id, status FROM accounts
         WHERE id = ANY (ARRAY(SELECT account_id FROM request))
         FOR UPDATE SKIP LOCKED
     ), moved AS (
         -- The rows are locked: the status and balance compared here are their latest.
-        -- (Lookups go by id = ANY (...), which only the primary key can answer, so the plan
-        -- stays an index lookup per row whatever the statistics say.)
+        -- (Rows are found by id = ANY (...) on the primary key: a status condition here
+        -- once led the planner to scan the whole partial index of ACTIVE accounts.)
         UPDATE accounts SET balance = accounts.balance + request.delta,
             lifetime_points = accounts.lifetime_points + request.lifetime_delta,
             update_time = request.create_time

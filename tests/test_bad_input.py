@@ -56,6 +56,12 @@ def invalid(call, request, *fields: str) -> None:
         ({"type": EARN, "amount": 1, "metadata": {"k": "v" * 501}}, ["metadata[k]"]),
         ({"type": EARN, "amount": 1, "metadata": {"": "v"}}, ["metadata[]"]),
         ({"type": EARN, "amount": 1, "request_id": "r" * 101}, ["request_id"]),
+        # PostgreSQL text cannot hold U+0000.
+        ({"type": EARN, "amount": 1, "reason": "bad\x00"}, ["reason"]),
+        ({"type": EARN, "amount": 1, "origin": Origin(id="pay\x00")}, ["origin.id"]),
+        ({"type": EARN, "amount": 1, "metadata": {"k": "v\x00"}}, ["metadata[k]"]),
+        ({"type": EARN, "amount": 1, "metadata": {"k\x00": "v"}}, ["metadata[k\x00]"]),
+        ({"type": EARN, "amount": 1, "request_id": "r\x00"}, ["request_id"]),
     ],
 )
 def test_create_transaction_rejects(accounts, points, request_fields, bad_fields):
@@ -128,6 +134,11 @@ def test_create_account_rejects(accounts):
     invalid(
         accounts.CreateAccount,
         accounts_pb2.CreateAccountRequest(program="prog_default", customer="c" * 256),
+        "customer",
+    )
+    invalid(
+        accounts.CreateAccount,
+        accounts_pb2.CreateAccountRequest(program="prog_default", customer="c\x00"),
         "customer",
     )
     customer = unique()

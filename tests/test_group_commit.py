@@ -1,0 +1,149 @@
+"""Use-case tests of group commit (ledger.Batches): postings that run together in one batch
+stay independent, and a batch never holds up or fails a posting it cannot take."""
+
+from __future__ import annotations
+
+import asyncio
+
+import psycopg
+import pytest
+
+from loyalty_service import db
+from loyalty_service.domain import (
+    AccountNotActive,
+    Direction,
+    InsufficientPoints,
+    NewTransaction,
+    TransactionType,
+)
+from loyalty_service.ledger import Batches, Ledger, find_violations
+
+EARN, REDEEM = TransactionType.EARN, TransactionType.REDEEM
+CREDIT, DEBIT = Direction.CREDIT, Direction.DEBIT
+
+
+def earn(account: str, amount: int, **fields: object) -> NewTransaction:
+    return NewTransaction(account, EARN, CREDIT, amount, **fields)  # type: ignore[arg-type]
+
+
+def redeem(account: str, amount: int) -> NewTransaction:
+    return NewTransaction(account, REDEEM, DEBIT, amount)
+
+
+def run(url: str, scenario) -> None:
+    async def main() -> None:
+        async with db.create_pool(url, size=4) as pool:
+            await scenario(Ledger(pool), pool)
+            assert await find_violations(pool) == []
+
+    asyncio.run(main())
+
+
+async def balances(ledger: Ledger, *account_ids: str) -> list[int]:
+    return [(await ledger.get_account(account_id)).balance for account_id in account_ids]
+
+
+def test_one_refused_posting_does_not_fail_its_batch(databases):
+    """A posting the database refuses (text with U+0000, which the API rejects before it
+    gets here) fails alone; the others of its batch are posted."""
+
+    async def scenario(ledger: Ledger, pool) -> None:
+        a, b, c = [await ledger.create_account("prog_default", None, {}) for _ in range(3)]
+        results = await asyncio.gather(
+            ledger.create_transaction(earn(a.id, 5)),
+            ledger.create_transaction(earn(b.id, 7, reason="bad\x00")),
+            ledger.create_transaction(earn(c.id, 9)),
+            return_exceptions=True,
+        )
+        assert [r.points_after for r in (results[0], results[2])] == [5, 9]
+        assert isinstance(results[1], psycopg.DataError)
+        assert await balances(ledger, a.id, b.id, c.id) == [5, 0, 9]
+
+    run(databases.create(), scenario)
+
+
+def test_refusals_in_a_batch_are_reported_per_posting(databases):
+    async def scenario(ledger: Ledger, pool) -> None:
+        rich, poor, closed = [await ledger.create_account("prog_default", None, {}) for _ in "abc"]
+        await ledger.create_transaction(earn(rich.id, 100))
+        await ledger.close_account(closed.id)
+        results = await asyncio.gather(
+            ledger.create_transaction(redeem(rich.id, 60)),
+            ledger.create_transaction(redeem(poor.id, 1)),
+            ledger.create_transaction(earn(closed.id, 3)),
+            ledger.create_transaction(redeem(rich.id, 60)),  # waits for the next batch
+            return_exceptions=True,
+        )
+        assert results[0].points_after == 40
+        assert isinstance(results[1], InsufficientPoints)
+        assert isinstance(results[2], AccountNotActive)
+        assert isinstance(results[3], InsufficientPoints)
+        assert results[3].metadata == {"balance": "40", "requested": "60"}
+        assert await balances(ledger, rich.id, poor.id, closed.id) == [40, 0, 0]
+
+    run(databases.create(), scenario)
+
+
+def test_a_batch_skips_an_account_locked_elsewhere(databases):
+    """A batch does not wait for a row lock: the posting on the locked account waits alone,
+    and the rest of the batch is posted meanwhile."""
+    url = databases.create()
+
+    async def scenario(ledger: Ledger, pool) -> None:
+        held, free = [await ledger.create_account("prog_default", None, {}) for _ in "ab"]
+        async with await psycopg.AsyncConnection.connect(db.libpq_url(url)) as blocker:
+            await blocker.execute("SELECT 1 FROM accounts WHERE id = %s FOR UPDATE", [held.id])
+            stuck = asyncio.ensure_future(ledger.create_transaction(earn(held.id, 4)))
+            posted = await asyncio.wait_for(ledger.create_transaction(earn(free.id, 6)), 5)
+            assert posted.points_after == 6
+            await asyncio.sleep(0.3)
+            assert not stuck.done(), "the posting on the locked account waits for the lock"
+            await blocker.rollback()
+        assert (await asyncio.wait_for(stuck, 5)).points_after == 4
+
+    run(url, scenario)
+
+
+def test_same_request_id_in_flight_twice_takes_effect_once(databases):
+    async def scenario(ledger: Ledger, pool) -> None:
+        account = await ledger.create_account("prog_default", None, {})
+        results = await asyncio.gather(
+            *(ledger.create_transaction(earn(account.id, 10), "req-once") for _ in range(10))
+        )
+        assert len({r.id for r in results}) == 1
+        assert await balances(ledger, account.id) == [10]
+
+    run(databases.create(), scenario)
+
+
+def test_batches_keep_keys_apart_and_release_every_caller():
+    async def scenario() -> None:
+        seen: list[list[str]] = []
+
+        async def run_batch(items: list[str]) -> list[str]:
+            seen.append(items)
+            await asyncio.sleep(0.01)
+            if "a2" in items:
+                raise RuntimeError("a2 failed")
+            return [item.upper() for item in items]
+
+        batches = Batches(run_batch, keys=lambda item: (item[0],), max_waiting=5)
+        futures = [batches.submit(item) for item in ["a1", "b1", "a2", "c1", "a3"]]
+        assert batches.submit("d1") is None, "the queue is full: the caller goes alone"
+        results = await asyncio.gather(*futures, return_exceptions=True)  # type: ignore[arg-type]
+        # One item per key in a batch; the later ones wait for the next. A failure fails its
+        # own batch only.
+        assert seen == [["a1", "b1", "c1"], ["a2"], ["a3"]]
+        assert results[:2] + results[3:] == ["A1", "B1", "C1", "A3"]
+        assert isinstance(results[2], RuntimeError)
+
+        # A runner cancelled (as when the loop closes) leaves nobody waiting forever, and the
+        # next call starts a new one.
+        waiting = batches.submit("x1")
+        assert waiting is not None and batches._runner is not None
+        batches._runner.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert await batches.submit("y1") == "Y1"  # type: ignore[misc]
+
+    asyncio.run(scenario())
