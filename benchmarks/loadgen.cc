@@ -118,6 +118,8 @@ int Run(const Options& options) {
     grpc::ByteBuffer request(&requests[next++], 1);
     auto* call = new Call;
     call->started = Clock::now();
+    // A call that never ends must fail the run, not hang it.
+    call->context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
     call->reader = stubs[slot % stubs.size()]->PrepareUnaryCall(
         &call->context, options.method, request, &queue);
     call->reader->StartCall();

@@ -94,9 +94,15 @@ class Batches(Generic[Item, Result]):
         return future
 
     def _runner_done(self, runner: asyncio.Task[None]) -> None:
-        if runner.cancelled():  # the loop is closing: nobody may be left waiting forever
+        """A runner ends when nothing waits, unless it was cancelled (the loop is closing) or
+        failed (a bug): then nobody may be left waiting forever."""
+        error = None if runner.cancelled() else runner.exception()
+        if runner.cancelled() or error is not None:
             for _, future in self._waiting:
-                future.cancel()
+                if error is None:
+                    future.cancel()
+                elif not future.done():
+                    future.set_exception(error)
             self._waiting = []
 
     def _next_batch(self) -> list[tuple[Item, asyncio.Future[Result]]]:

@@ -146,4 +146,16 @@ def test_batches_keep_keys_apart_and_release_every_caller():
             await waiting
         assert await batches.submit("y1") == "Y1"  # type: ignore[misc]
 
+        # A runner that fails outside a batch (a bug) fails everyone waiting, loudly.
+        def keys(item: str) -> tuple[str]:
+            if item == "bug":
+                raise ValueError("no keys")
+            return (item,)
+
+        broken = Batches(run_batch, keys=keys)
+        stranded = [broken.submit("bug"), broken.submit("z1")]
+        for future in stranded:
+            with pytest.raises(ValueError, match="no keys"):
+                await future  # type: ignore[misc]
+
     asyncio.run(scenario())
