@@ -293,8 +293,10 @@ class Ledger:
     async def create_transaction(
         self, new: NewTransaction, request_id: str = ""
     ) -> PointsTransaction:
-        # The hot path: one statement locks the account, applies the change within the
-        # domain's bounds and writes the ledger row (see store.post_transaction).
+        # The hot path: the posting joins the next batch (group commit), where one statement
+        # locks the accounts, applies each change within the domain's bounds and writes the
+        # ledger rows (store.post_transactions); what the batch leaves alone is posted by
+        # itself (store.post_transaction).
         change = domain.change(new.type, new.direction, new.amount)
         ptx = PointsTransaction(
             id=domain.new_id("ptx_"),
