@@ -39,14 +39,19 @@ lint: protos
 	$(BIN)/ruff format --check .
 	$(BIN)/buf lint
 
-# The benchmark's load generator is C++ on Debian's gRPC (libgrpc++-dev), installed here
-# when missing, so the client costs the shared cores about what pgbench costs them.
+# The benchmark's load generator is C++ on Debian's gRPC (libgrpc++-dev): the client then
+# costs the shared cores about what pgbench costs them. Its build tools are installed here
+# when missing (as root, or with sudo).
 LOADGEN := $(BIN)/loyalty-loadgen
+SUDO = $(if $(filter 0,$(shell id -u)),,sudo)
 $(LOADGEN): benchmarks/loadgen.cc $(VENV)/.installed
-	pkg-config --exists grpc++ || $(APT_INSTALL) libgrpc++-dev pkg-config
+	@if ! command -v g++ >/dev/null || ! pkg-config --exists grpc++ 2>/dev/null; then \
+		echo "installing g++ and libgrpc++-dev for the load generator"; \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) apt-get install -y -qq --no-install-recommends g++ libgrpc++-dev pkg-config \
+		|| { echo "could not install them: run apt-get install g++ libgrpc++-dev pkg-config"; exit 1; }; \
+	fi
 	g++ -O2 -std=c++17 -o $@ $< $$(pkg-config --cflags --libs grpc++)
-
-APT_INSTALL := $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y --no-install-recommends
 
 bench: protos $(LOADGEN)
 	$(BIN)/python -m benchmarks.run

@@ -11,7 +11,8 @@
 // FILE holds requests as <4-byte little-endian length><bytes>. Without --cycle each request
 // is sent once (requests with unique request ids) and running out is an error. Prints
 //   ops=<calls/s> p50_ms=<x> p99_ms=<x> calls=<n> errors=<n> first_error=<code:message>
-// counting only calls that started and ended inside the timed window.
+// where calls, ops and latencies count the calls that started and ended inside the timed
+// window, and errors every failed call that started in it.
 
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
@@ -24,6 +25,7 @@
 #include <fstream>
 #include <iostream>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -80,6 +82,8 @@ Options Parse(int argc, char** argv) {
   }
   if (options.target.empty() || options.method.empty() || options.requests.empty())
     throw std::runtime_error("--target, --method and --requests are required");
+  if (options.concurrency < 1 || options.channels < 1 || options.seconds <= 0)
+    throw std::runtime_error("--concurrency, --channels and --seconds must be positive");
   return options;
 }
 
@@ -137,12 +141,14 @@ int Run(const Options& options) {
     auto* call = static_cast<Call*>(tag);
     --in_flight;
     const auto done = Clock::now();
-    if (call->started >= measure_from && done <= stop) {
-      if (call->status.ok()) {
-        latencies_ms.push_back(std::chrono::duration<double, std::milli>(done - call->started).count());
-      } else {
+    if (call->started >= measure_from) {
+      // A failed call counts whenever it ends (a deadline ends it after the window);
+      // a call that succeeds counts if it ended inside the window.
+      if (!call->status.ok()) {
         if (errors++ == 0)
           first_error = std::to_string(call->status.error_code()) + ":" + call->status.error_message();
+      } else if (done <= stop) {
+        latencies_ms.push_back(std::chrono::duration<double, std::milli>(done - call->started).count());
       }
     }
     delete call;

@@ -2,7 +2,8 @@
 
 Scenarios (each: warm-up, then a timed window at the same concurrency for both sides):
 - uniform_earn: EARN of 1..10 points with a fresh request_id, on 10,000 accounts at random.
-  Baseline: pgbench running the statement one such earn executes (store.post_transaction).
+  Baseline: pgbench running the statement one such earn executes alone
+  (store.post_transaction; under load the service writes earns in batches).
 - hot_account: EARN and REDEEM alternating on one account, fresh request_ids.
   Baseline: pgbench running the same statement on one account.
 - get_account: GetAccount on random accounts. Baseline: the health service's Check, an
@@ -102,6 +103,8 @@ def drive(
         "--concurrency", str(args.concurrency), "--channels", str(args.channels),
         "--warmup", str(args.warmup), "--seconds", str(args.seconds), *(["--cycle"] * cycle),
     ]  # fmt: skip
+    if not LOADGEN.exists():
+        raise SystemExit(f"{LOADGEN} is missing: run `make bench`, which builds it")
     loadgen = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     time.sleep(args.warmup)
     before = cpu_seconds(server_pid), cpu_seconds(loadgen.pid)
@@ -116,6 +119,8 @@ def drive(
         output,
     )
     assert found is not None, output
+    if found["calls"] == "0":
+        raise RuntimeError(f"{method}: no call ended inside the window")
     if found["errors"] != "0":
         raise RuntimeError(
             f"{method}: {found['errors']} calls failed, first: {found['first_error']}"

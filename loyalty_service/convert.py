@@ -48,7 +48,7 @@ _ORIGIN_FROM_PB = {v: k for k, v in _ORIGIN_TO_PB.items()}
 
 
 # PostgreSQL text cannot hold U+0000, so a string with one could never be stored.
-_NUL = "must not contain the character U+0000"
+_NUL_MESSAGE = "must not contain the character U+0000"
 
 
 @dataclass
@@ -80,7 +80,7 @@ class Violations:
         if len(value) > max_length:
             self.add(field_path, f"is longer than {max_length} characters")
         if "\x00" in value:
-            self.add(field_path, _NUL)
+            self.add(field_path, _NUL_MESSAGE)
         return value
 
     def metadata(self, field_path: str, value: Mapping[str, str]) -> dict[str, str]:
@@ -98,7 +98,7 @@ class Violations:
                     f"values must be at most {domain.MAX_METADATA_VALUE_LENGTH} characters",
                 )
             if "\x00" in key or "\x00" in item:
-                self.add(f"{field_path}[{key[:40]}]", _NUL)
+                self.add(f"{field_path}[{key[:40]}]", _NUL_MESSAGE)
         return dict(value)
 
     def amount(self, field_path: str, value: int) -> int:

@@ -1,5 +1,5 @@
-"""Use cases. Each is one database transaction; the rows it locks, and their order, are
-visible in its body."""
+"""Use cases. Each is one database transaction, whose locked rows and their order are visible
+in its body; postings, which run in batches (group commit), say theirs in store.py."""
 
 from __future__ import annotations
 
@@ -12,9 +12,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Generic, TypeVar
 
-import psycopg
-from psycopg import InterfaceError, IsolationLevel, OperationalError
-from psycopg.errors import TransactionRollback
+from psycopg import IsolationLevel
 from psycopg_pool import AsyncConnectionPool
 
 from . import db, domain, store
@@ -97,6 +95,8 @@ class Batches(Generic[Item, Result]):
         """A runner ends when nothing waits, unless it was cancelled (the loop is closing) or
         failed (a bug): then nobody may be left waiting forever."""
         error = None if runner.cancelled() else runner.exception()
+        if error is not None:
+            log.error("the batch runner failed", exc_info=error)
         if runner.cancelled() or error is not None:
             for _, future in self._waiting:
                 if error is None:
@@ -133,8 +133,15 @@ class Batches(Generic[Item, Result]):
                 for _, future in batch:  # cancelled; the waiting ones: see _runner_done
                     future.cancel()
                 raise
+            if len(results) != len(batch):  # a bug; fail the batch rather than strand one
+                error = RuntimeError(f"{len(results)} results for a batch of {len(batch)}")
+                results = [error] * len(batch)
             for (_, future), result in zip(batch, results, strict=True):
-                if not future.done():  # the call was cancelled meanwhile
+                if future.done():  # the call was cancelled meanwhile
+                    continue
+                if isinstance(result, Exception):
+                    future.set_exception(result)
+                else:
                     future.set_result(result)
 
 
@@ -341,15 +348,9 @@ class Ledger:
         async with db.connection(self.pool) as conn:
             try:
                 return await store.post_transactions(conn, postings)
-            except (store.KeyTaken, psycopg.Error) as error:
-                unreachable = isinstance(error, OperationalError | InterfaceError)
-                if unreachable and not isinstance(error, TransactionRollback):
-                    raise  # the database is unreachable or too slow: so it is for each of them
-                # A racing retry of one of them stored its response first (across replicas:
-                # a deadlock on two such keys), or the database refused one of them. Nothing
-                # of the batch was written; each posting goes again on its own, so that
-                # none can fail the others.
-                log.debug("batch of %d postings posted one by one: %r", len(postings), error)
+            except store.BatchNotTaken as error:
+                # Each posting goes again on its own, so that none can fail the others.
+                log.info("a batch of %d postings was refused: %s", len(postings), error)
                 return [store.Posted(None)] * len(postings)
 
     async def _post_alone(self, posting: store.NewPosting) -> store.Posted:

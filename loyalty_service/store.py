@@ -467,6 +467,10 @@ class KeyTaken(Exception):
     """A concurrent request stored its response under the same request key first."""
 
 
+class BatchNotTaken(Exception):
+    """The database refused a batch of postings because of one of them; none was written."""
+
+
 # The batch form of the posting statement: many postings on distinct accounts in one round
 # trip and one commit. The batch goes as one JSON array, which costs the client one dump
 # where an array per column would cost one each.
@@ -543,8 +547,8 @@ async def post_transactions(conn: Conn, postings: list[NewPosting]) -> list[Post
     Returns what happened to each: points_after when posted, the stored response when its
     request id had one, neither when the batch left it alone (account missing, locked
     elsewhere, not ACTIVE or out of bounds; `account` is never filled in here). Raises
-    KeyTaken when a concurrent request stored a response for one of the keys first; then
-    nothing of the batch was written.
+    BatchNotTaken when the database refused the batch for one of its postings (a key a
+    concurrent request stored first, data it cannot hold); then nothing of it was written.
     """
     rows = []
     for idx, posting in enumerate(postings):
@@ -573,10 +577,10 @@ async def post_transactions(conn: Conn, postings: list[NewPosting]) -> list[Post
         )
     try:
         cursor = await conn.execute(_POST_TRANSACTIONS, {"postings": Jsonb(rows)})
-    except pg_errors.UniqueViolation as error:
-        if error.diag.constraint_name == "pk_idempotency_keys":
-            raise KeyTaken from None
-        raise
+    except (pg_errors.IntegrityError, pg_errors.DataError, pg_errors.TransactionRollback) as error:
+        # A racing retry stored a key first (across replicas, two batches may even deadlock
+        # on two keys), or one posting holds data the database refuses.
+        raise BatchNotTaken(repr(error)) from None
     done = [Posted(None)] * len(postings)
     for row in await cursor.fetchall():
         if row.points_after is not None:

@@ -33,10 +33,23 @@ def redeem(account: str, amount: int) -> NewTransaction:
 def run(url: str, scenario) -> None:
     async def main() -> None:
         async with db.create_pool(url, size=4) as pool:
-            await scenario(Ledger(pool), pool)
+            await scenario(Ledger(pool))
             assert await find_violations(pool) == []
 
     asyncio.run(main())
+
+
+def batch_sizes(ledger: Ledger) -> list[int]:
+    """Records the size of every batch the ledger writes from now on."""
+    sizes: list[int] = []
+    post_batch = ledger._postings._run
+
+    async def recording(postings: list) -> list:
+        sizes.append(len(postings))
+        return await post_batch(postings)
+
+    ledger._postings._run = recording
+    return sizes
 
 
 async def balances(ledger: Ledger, *account_ids: str) -> list[int]:
@@ -47,8 +60,9 @@ def test_one_refused_posting_does_not_fail_its_batch(databases):
     """A posting the database refuses (text with U+0000, which the API rejects before it
     gets here) fails alone; the others of its batch are posted."""
 
-    async def scenario(ledger: Ledger, pool) -> None:
+    async def scenario(ledger: Ledger) -> None:
         a, b, c = [await ledger.create_account("prog_default", None, {}) for _ in range(3)]
+        sizes = batch_sizes(ledger)
         results = await asyncio.gather(
             ledger.create_transaction(earn(a.id, 5)),
             ledger.create_transaction(earn(b.id, 7, reason="bad\x00")),
@@ -57,16 +71,18 @@ def test_one_refused_posting_does_not_fail_its_batch(databases):
         )
         assert [r.points_after for r in (results[0], results[2])] == [5, 9]
         assert isinstance(results[1], psycopg.DataError)
+        assert sizes == [3], "the three went in one batch, which the database refused"
         assert await balances(ledger, a.id, b.id, c.id) == [5, 0, 9]
 
     run(databases.create(), scenario)
 
 
 def test_refusals_in_a_batch_are_reported_per_posting(databases):
-    async def scenario(ledger: Ledger, pool) -> None:
+    async def scenario(ledger: Ledger) -> None:
         rich, poor, closed = [await ledger.create_account("prog_default", None, {}) for _ in "abc"]
         await ledger.create_transaction(earn(rich.id, 100))
         await ledger.close_account(closed.id)
+        sizes = batch_sizes(ledger)
         results = await asyncio.gather(
             ledger.create_transaction(redeem(rich.id, 60)),
             ledger.create_transaction(redeem(poor.id, 1)),
@@ -79,6 +95,7 @@ def test_refusals_in_a_batch_are_reported_per_posting(databases):
         assert isinstance(results[2], AccountNotActive)
         assert isinstance(results[3], InsufficientPoints)
         assert results[3].metadata == {"balance": "40", "requested": "60"}
+        assert sizes == [3, 1], "one posting per account in a batch"
         assert await balances(ledger, rich.id, poor.id, closed.id) == [40, 0, 0]
 
     run(databases.create(), scenario)
@@ -89,13 +106,15 @@ def test_a_batch_skips_an_account_locked_elsewhere(databases):
     and the rest of the batch is posted meanwhile."""
     url = databases.create()
 
-    async def scenario(ledger: Ledger, pool) -> None:
+    async def scenario(ledger: Ledger) -> None:
         held, free = [await ledger.create_account("prog_default", None, {}) for _ in "ab"]
         async with await psycopg.AsyncConnection.connect(db.libpq_url(url)) as blocker:
             await blocker.execute("SELECT 1 FROM accounts WHERE id = %s FOR UPDATE", [held.id])
+            sizes = batch_sizes(ledger)
             stuck = asyncio.ensure_future(ledger.create_transaction(earn(held.id, 4)))
             posted = await asyncio.wait_for(ledger.create_transaction(earn(free.id, 6)), 5)
             assert posted.points_after == 6
+            assert sizes == [2], "both went in one batch, which skipped the locked account"
             await asyncio.sleep(0.3)
             assert not stuck.done(), "the posting on the locked account waits for the lock"
             await blocker.rollback()
@@ -104,8 +123,8 @@ def test_a_batch_skips_an_account_locked_elsewhere(databases):
     run(url, scenario)
 
 
-def test_same_request_id_in_flight_twice_takes_effect_once(databases):
-    async def scenario(ledger: Ledger, pool) -> None:
+def test_same_request_id_in_flight_ten_times_takes_effect_once(databases):
+    async def scenario(ledger: Ledger) -> None:
         account = await ledger.create_account("prog_default", None, {})
         results = await asyncio.gather(
             *(ledger.create_transaction(earn(account.id, 10), "req-once") for _ in range(10))
@@ -159,3 +178,70 @@ def test_batches_keep_keys_apart_and_release_every_caller():
                 await future  # type: ignore[misc]
 
     asyncio.run(scenario())
+
+
+def test_post_transactions_says_what_it_did_with_each_posting(databases):
+    """store.post_transactions alone: posted, replayed, left alone (locked elsewhere, not
+    ACTIVE, out of bounds, missing), each read back from one statement."""
+    from datetime import UTC, datetime
+
+    from loyalty_service import domain, store
+
+    url = databases.create()
+
+    def posting(account: str, new: NewTransaction, key: str | None = None):
+        ptx = domain.PointsTransaction(
+            id=domain.new_id("ptx_"),
+            account=account,
+            type=new.type,
+            direction=new.direction,
+            amount=new.amount,
+            points_after=0,
+            reason="",
+            origin_kind=domain.OriginKind.MANUAL,
+            origin_id="",
+            metadata={},
+            create_time=datetime.now(UTC),
+        )
+        change = domain.change(new.type, new.direction, new.amount)
+        return store.NewPosting(ptx, change, (key, "fp-" + key) if key else None)
+
+    async def scenario(ledger: Ledger) -> None:
+        ids = [(await ledger.create_account("prog_default", None, {})).id for _ in range(5)]
+        fresh, replayed, held, closed, poor = ids
+        first = await ledger.create_transaction(earn(replayed, 8), "req-1")
+        await ledger.close_account(closed)
+        key = "CreatePointsTransaction:req-1"
+        async with (
+            db.connection(ledger.pool) as conn,
+            await psycopg.AsyncConnection.connect(db.libpq_url(url)) as blocker,
+        ):
+            await blocker.execute("SELECT 1 FROM accounts WHERE id = %s FOR UPDATE", [held])
+            done = await store.post_transactions(
+                conn,
+                [
+                    posting(fresh, earn(fresh, 3), "CreatePointsTransaction:req-2"),
+                    posting(replayed, earn(replayed, 8), key),
+                    posting(held, earn(held, 1)),
+                    posting(closed, earn(closed, 1)),
+                    posting(poor, redeem(poor, 1)),
+                    posting("loy_" + "M" * 20, earn("loy_" + "M" * 20, 1)),
+                ],
+            )
+            await blocker.rollback()
+        assert done[0] == store.Posted(3)
+        assert done[1].points_after is None
+        assert done[1].prior == store.StoredResponse(
+            (await _stored(ledger, key)).fingerprint, first.id
+        )
+        assert done[2:] == [store.Posted(None)] * 4
+        assert await balances(ledger, *ids) == [3, 8, 0, 0, 0]
+
+    run(url, scenario)
+
+
+async def _stored(ledger: Ledger, key: str):
+    from loyalty_service import store
+
+    async with db.connection(ledger.pool) as conn:
+        return await store.stored_response(conn, key)

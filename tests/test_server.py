@@ -100,7 +100,7 @@ def test_sigterm_finishes_in_flight_calls_and_refuses_new_ones(
             in_flight = replica_points.CreatePointsTransaction.future(
                 points_pb2.CreatePointsTransactionRequest(account=account.id, type=EARN, amount=5)
             )
-            time.sleep(0.5)
+            _wait_for(lambda: _waiting_for_a_row_lock(database_url) == 1)
             replica.process.send_signal(signal.SIGTERM)
             _wait_until_refused(channel, account.id, seconds=10)
             assert not in_flight.done(), "the held call is still in flight"
@@ -111,6 +111,17 @@ def test_sigterm_finishes_in_flight_calls_and_refuses_new_ones(
     assert code == 0, output
     assert "Traceback" not in output, output
     assert get(accounts, account.id).balance == 15
+
+
+def _waiting_for_a_row_lock(database_url: str) -> int:
+    """How many statements of the database wait for a lock another transaction holds."""
+    with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        ).fetchone()
+    assert row is not None
+    return row[0]
 
 
 def _wait_until_refused(channel: grpc.Channel, account_id: str, seconds: float) -> None:
