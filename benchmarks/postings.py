@@ -29,22 +29,17 @@ def backend_cpu_seconds(pid: int) -> float:
 
 
 def earn() -> store.NewPosting:
-    ptx = domain.PointsTransaction(
-        id=domain.new_id("ptx_"),
+    new = domain.NewTransaction(
         account=f"loy_bench{random.randint(1, ACCOUNTS):015d}",
         type=domain.TransactionType.EARN,
         direction=domain.Direction.CREDIT,
         amount=5,
-        points_after=0,
-        reason="",
-        origin_kind=domain.OriginKind.MANUAL,
-        origin_id="",
-        metadata={},
-        create_time=datetime.now(UTC),
     )
     key = f"CreatePointsTransaction:{secrets.token_hex(8)}"
-    change = domain.change(ptx.type, ptx.direction, ptx.amount)
-    return store.NewPosting(ptx, change, (key, secrets.token_hex(32)))
+    change = domain.change(new.type, new.direction, new.amount)
+    return store.NewPosting(
+        domain.to_post(new, datetime.now(UTC)), change, (key, secrets.token_hex(32))
+    )
 
 
 def batch(size: int) -> list[store.NewPosting]:
@@ -69,7 +64,7 @@ async def measure(url: str) -> None:
 
         async def alone(postings: list[store.NewPosting]) -> None:
             (posting,) = postings
-            await store.post_transaction(conn, posting.ptx, posting.change, posting.request)
+            await store.post_transaction(conn, posting)
 
         async def together(postings: list[store.NewPosting]) -> None:
             await store.post_transactions(conn, postings)

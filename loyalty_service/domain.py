@@ -279,6 +279,23 @@ def check(account: Account, change_: Change) -> Posting:
     return Posting(balance_after, account.lifetime_points + change_.lifetime_delta)
 
 
+def to_post(new: NewTransaction, now: datetime) -> PointsTransaction:
+    """The ledger row `new` will be; its points_after is filled in under the account's lock."""
+    return PointsTransaction(
+        id=new_id("ptx_"),
+        account=new.account,
+        type=new.type,
+        direction=new.direction,
+        amount=new.amount,
+        points_after=0,
+        reason=new.reason,
+        origin_kind=new.origin_kind,
+        origin_id=new.origin_id,
+        metadata=new.metadata,
+        create_time=now,
+    )
+
+
 def as_posted(transaction: PointsTransaction) -> PointsTransaction:
     """The transaction as it was when posted: only merges change a ledger row afterwards
     (moving it to another account), and reversals (counting what they reversed)."""

@@ -305,19 +305,7 @@ class Ledger:
         # ledger rows (store.post_transactions); what the batch leaves alone is posted by
         # itself (store.post_transaction).
         change = domain.change(new.type, new.direction, new.amount)
-        ptx = PointsTransaction(
-            id=domain.new_id("ptx_"),
-            account=new.account,
-            type=new.type,
-            direction=new.direction,
-            amount=new.amount,
-            points_after=0,  # filled in under the lock
-            reason=new.reason,
-            origin_kind=new.origin_kind,
-            origin_id=new.origin_id,
-            metadata=new.metadata,
-            create_time=self.clock(),
-        )
+        ptx = domain.to_post(new, self.clock())
         # What the request asked for, in a fixed order, for its fingerprint.
         asked = [
             new.account, new.type, new.direction, new.amount, new.reason,
@@ -356,9 +344,7 @@ class Ledger:
     async def _post_alone(self, posting: store.NewPosting) -> store.Posted:
         async with db.connection(self.pool) as conn:
             try:
-                posted = await store.post_transaction(
-                    conn, posting.ptx, posting.change, posting.request
-                )
+                posted = await store.post_transaction(conn, posting)
             except store.KeyTaken:
                 assert posting.request is not None
                 prior = await store.stored_response(conn, posting.request[0])

@@ -421,35 +421,52 @@ class Posted:
     prior: StoredResponse | None = None
 
 
-async def post_transaction(
-    conn: Conn, ptx: PointsTransaction, change: Change, request: tuple[str, str] | None = None
-) -> Posted:
-    """Posts `ptx` (its points_after is filled in by the database) if the locked account is
-    ACTIVE and the change keeps its balance within bounds. `request` is (key, fingerprint)
-    for an idempotent request; its stored response is the transaction's id.
+@dataclass(frozen=True)
+class NewPosting:
+    """A transaction to post (points_after is filled in by the database), the change it makes
+    to its account's totals and, for an idempotent request, its (key, fingerprint)."""
 
-    Raises KeyTaken when a concurrent request stored a response for the key first.
-    """
-    params = {
+    ptx: PointsTransaction
+    change: Change
+    request: tuple[str, str] | None = None
+
+
+def _posting_values(posting: NewPosting) -> dict[str, typing.Any]:
+    """The parameters of one posting, for the single and the batch posting statements."""
+    ptx, change = posting.ptx, posting.change
+    key, fingerprint = posting.request or (None, None)
+    return {
         "id": ptx.id,
         "account_id": ptx.account,
         "type": ptx.type.value,
         "direction": ptx.direction.value,
         "amount": ptx.amount,
-        "reason": ptx.reason,
-        "origin_kind": ptx.origin_kind.value,
-        "origin_id": ptx.origin_id,
-        "metadata": Jsonb(ptx.metadata),
-        "create_time": ptx.create_time,
         "delta": change.delta,
         "lifetime_delta": change.lifetime_delta,
         "min_balance": change.min_balance,
         "max_balance": change.max_balance,
+        "reason": ptx.reason,
+        "origin_kind": ptx.origin_kind.value,
+        "origin_id": ptx.origin_id,
+        "metadata": ptx.metadata,
+        "create_time": ptx.create_time,
+        "key": key,
+        "fingerprint": fingerprint,
     }
-    if request is not None:
-        params["key"], params["fingerprint"] = request
+
+
+async def post_transaction(conn: Conn, posting: NewPosting) -> Posted:
+    """Posts the transaction (its points_after is filled in by the database) if the locked
+    account is ACTIVE and the change keeps its balance within bounds. For an idempotent
+    request, the response stored under its key is the transaction's id.
+
+    Raises KeyTaken when a concurrent request stored a response for the key first.
+    """
+    params = _posting_values(posting)
+    params["metadata"] = Jsonb(params["metadata"])
+    statement = _POST_TRANSACTION_ONCE if posting.request else _POST_TRANSACTION
     try:
-        row = await _one(conn, _POST_TRANSACTION_ONCE if request else _POST_TRANSACTION, params)
+        row = await _one(conn, statement, params)
     except pg_errors.UniqueViolation as error:
         if error.diag.constraint_name == "pk_idempotency_keys":
             raise KeyTaken from None
@@ -529,16 +546,6 @@ _POST_TRANSACTIONS = _sql(
 )
 
 
-@dataclass(frozen=True)
-class NewPosting:
-    """A transaction to post (points_after is filled in by the database), the change it makes
-    to its account's totals and, for an idempotent request, its (key, fingerprint)."""
-
-    ptx: PointsTransaction
-    change: Change
-    request: tuple[str, str] | None = None
-
-
 async def post_transactions(conn: Conn, postings: list[NewPosting]) -> list[Posted]:
     """Posts, in one statement and one commit, each transaction whose account is ACTIVE, not
     locked by another transaction, and stays within bounds. Accounts and request keys must be
@@ -552,29 +559,9 @@ async def post_transactions(conn: Conn, postings: list[NewPosting]) -> list[Post
     """
     rows = []
     for idx, posting in enumerate(postings):
-        ptx, change = posting.ptx, posting.change
-        key, fingerprint = posting.request or (None, None)
-        rows.append(
-            {
-                "idx": idx,
-                "id": ptx.id,
-                "account_id": ptx.account,
-                "type": ptx.type.value,
-                "direction": ptx.direction.value,
-                "amount": ptx.amount,
-                "delta": change.delta,
-                "lifetime_delta": change.lifetime_delta,
-                "min_balance": change.min_balance,
-                "max_balance": change.max_balance,
-                "reason": ptx.reason,
-                "origin_kind": ptx.origin_kind.value,
-                "origin_id": ptx.origin_id,
-                "metadata": ptx.metadata,
-                "create_time": ptx.create_time.isoformat(),
-                "key": key,
-                "fingerprint": fingerprint,
-            }
-        )
+        row = _posting_values(posting)
+        row.update(idx=idx, create_time=posting.ptx.create_time.isoformat())
+        rows.append(row)
     try:
         cursor = await conn.execute(_POST_TRANSACTIONS, {"postings": Jsonb(rows)})
     except (pg_errors.IntegrityError, pg_errors.DataError, pg_errors.TransactionRollback) as error:

@@ -189,22 +189,10 @@ def test_post_transactions_says_what_it_did_with_each_posting(databases):
 
     url = databases.create()
 
-    def posting(account: str, new: NewTransaction, key: str | None = None):
-        ptx = domain.PointsTransaction(
-            id=domain.new_id("ptx_"),
-            account=account,
-            type=new.type,
-            direction=new.direction,
-            amount=new.amount,
-            points_after=0,
-            reason="",
-            origin_kind=domain.OriginKind.MANUAL,
-            origin_id="",
-            metadata={},
-            create_time=datetime.now(UTC),
-        )
+    def posting(new: NewTransaction, key: str | None = None) -> store.NewPosting:
         change = domain.change(new.type, new.direction, new.amount)
-        return store.NewPosting(ptx, change, (key, "fp-" + key) if key else None)
+        request = (key, "fp-" + key) if key else None
+        return store.NewPosting(domain.to_post(new, datetime.now(UTC)), change, request)
 
     async def scenario(ledger: Ledger) -> None:
         ids = [(await ledger.create_account("prog_default", None, {})).id for _ in range(5)]
@@ -220,12 +208,12 @@ def test_post_transactions_says_what_it_did_with_each_posting(databases):
             done = await store.post_transactions(
                 conn,
                 [
-                    posting(fresh, earn(fresh, 3), "CreatePointsTransaction:req-2"),
-                    posting(replayed, earn(replayed, 8), key),
-                    posting(held, earn(held, 1)),
-                    posting(closed, earn(closed, 1)),
-                    posting(poor, redeem(poor, 1)),
-                    posting("loy_" + "M" * 20, earn("loy_" + "M" * 20, 1)),
+                    posting(earn(fresh, 3), "CreatePointsTransaction:req-2"),
+                    posting(earn(replayed, 8), key),
+                    posting(earn(held, 1)),
+                    posting(earn(closed, 1)),
+                    posting(redeem(poor, 1)),
+                    posting(earn("loy_" + "M" * 20, 1)),
                 ],
             )
             await blocker.rollback()
