@@ -9,7 +9,6 @@ and this process spent per posting (docs/benchmarks.md, "Group commit").
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import secrets
 import tempfile
@@ -17,15 +16,11 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from benchmarks.run import cpu_seconds
 from loyalty_service import db, domain, store
 
 POSTINGS = 3000
 ACCOUNTS = 10_000
-
-
-def backend_cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def earn() -> store.NewPosting:
@@ -78,11 +73,11 @@ async def measure(url: str) -> None:
             for _ in range(20):  # warm up: prepared statements, caches
                 await post(batch(size))
             batches = [batch(size) for _ in range(POSTINGS // size)]
-            backend, client = backend_cpu_seconds(row.pid), time.process_time()
+            backend, client = cpu_seconds(row.pid), time.process_time()
             for postings in batches:
                 await post(postings)
             count = len(batches) * size
-            backend = (backend_cpu_seconds(row.pid) - backend) / count * 1e6
+            backend = (cpu_seconds(row.pid) - backend) / count * 1e6
             client = (time.process_time() - client) / count * 1e6
             print(f"{name:>12}: PostgreSQL {backend:4.0f} us, client {client:4.0f} us per posting")
 
