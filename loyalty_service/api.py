@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import grpc
 
 from . import convert, domain
-from .convert import PageTokens, Violations
-from .domain import Page
-from .errors import translated
+from .convert import EncodedEvents, PageTokens, Violations
+from .domain import EventFilter, Page
+from .errors import translated, translated_stream
+from .events import EventFeed
 from .ledger import AccountChanges, Ledger
-from .pb import accounts_pb2, accounts_pb2_grpc, points_pb2, points_pb2_grpc
+from .pb import (
+    accounts_pb2,
+    accounts_pb2_grpc,
+    events_pb2,
+    events_pb2_grpc,
+    points_pb2,
+    points_pb2_grpc,
+)
 
 Context = grpc.aio.ServicerContext
 T = TypeVar("T")
@@ -20,9 +28,13 @@ F = TypeVar("F")
 
 
 class LoyaltyAccounts(accounts_pb2_grpc.LoyaltyAccountsServicer):
-    def __init__(self, ledger: Ledger, tokens: PageTokens) -> None:
+    def __init__(
+        self, ledger: Ledger, tokens: PageTokens, feed: EventFeed, encoded: EncodedEvents
+    ) -> None:
         self.ledger = ledger
         self.tokens = tokens
+        self.feed = feed
+        self.encoded = encoded
 
     @translated
     async def CreateAccount(
@@ -116,11 +128,28 @@ class LoyaltyAccounts(accounts_pb2_grpc.LoyaltyAccountsServicer):
             target=convert.account_pb(merged.target), source=convert.account_pb(merged.source)
         )
 
+    @translated_stream
+    async def SubscribeAccountEvents(
+        self, request: accounts_pb2.SubscribeAccountEventsRequest, context: Context
+    ) -> AsyncIterator[bytes]:
+        # Responses go out as bytes (see server.add_servicer): SubscribeAccountEventsResponse.
+        v = Violations()
+        where = convert.event_filter(
+            v, request.program, request.account, request.types, domain.ACCOUNT_EVENT_TYPES
+        )
+        v.raise_if_any()
+        async for response in _subscribe(self.feed, self.encoded, request, where):
+            yield response
+
 
 class PointsLedger(points_pb2_grpc.PointsLedgerServicer):
-    def __init__(self, ledger: Ledger, tokens: PageTokens) -> None:
+    def __init__(
+        self, ledger: Ledger, tokens: PageTokens, feed: EventFeed, encoded: EncodedEvents
+    ) -> None:
         self.ledger = ledger
         self.tokens = tokens
+        self.feed = feed
+        self.encoded = encoded
 
     @translated
     async def CreatePointsTransaction(
@@ -164,6 +193,71 @@ class PointsLedger(points_pb2_grpc.PointsLedgerServicer):
             transaction_id, amount, reason, request.request_id
         )
         return convert.transaction_pb(reversal)
+
+    @translated_stream
+    async def SubscribeTransactionEvents(
+        self, request: points_pb2.SubscribeTransactionEventsRequest, context: Context
+    ) -> AsyncIterator[bytes]:
+        # Responses go out as bytes: SubscribeTransactionEventsResponse.
+        v = Violations()
+        where = convert.event_filter(
+            v, request.program, request.account, request.types, domain.TRANSACTION_EVENT_TYPES
+        )
+        v.raise_if_any()
+        async for response in _subscribe(self.feed, self.encoded, request, where):
+            yield response
+
+
+class LoyaltyEvents(events_pb2_grpc.LoyaltyEventsServicer):
+    def __init__(self, ledger: Ledger, tokens: PageTokens) -> None:
+        self.ledger = ledger
+        self.tokens = tokens
+
+    @translated
+    async def ListEvents(
+        self, request: events_pb2.ListEventsRequest, context: Context
+    ) -> events_pb2.ListEventsResponse:
+        v = Violations()
+        where = convert.event_filter(
+            v, request.program, request.account, request.types, frozenset(domain.EventType)
+        )
+        if request.after_position < 0:
+            v.add("after_position", "must not be negative")
+        v.raise_if_any()
+        limit = self.tokens.page_size(request.page_size)
+        types = sorted(where.types)
+        query = ["ListEvents", where.program, where.account, types, request.after_position]
+        after = self.tokens.decode(request.page_token, query)
+        # A page token, or an explicit position, must still have all of its events.
+        check = after is not None or request.after_position > 0
+        page = await self.ledger.list_events(
+            where, request.after_position if after is None else after, limit, check=check
+        )
+        full = len(page.events) == limit
+        return events_pb2.ListEventsResponse(
+            events=[convert.event_pb(e) for e in page.events],
+            next_page_token=self.tokens.encode(page.reached if full else None, query),
+            position=page.reached,
+        )
+
+
+async def _subscribe(
+    feed: EventFeed,
+    encoded: EncodedEvents,
+    request: accounts_pb2.SubscribeAccountEventsRequest
+    | points_pb2.SubscribeTransactionEventsRequest,
+    where: EventFilter,
+) -> AsyncIterator[bytes]:
+    start = request.WhichOneof("start")
+    after = await feed.start_position(
+        request.after_position if start == "after_position" else None,
+        from_oldest=start == "from_oldest",
+    )
+    # The first response comes at once and carries the start position: from then on, the
+    # subscriber misses nothing.
+    yield encoded.response([], after)
+    async for batch in feed.subscribe(where, after):
+        yield encoded.response(batch.events, batch.position)
 
 
 async def _page(

@@ -22,6 +22,16 @@ class Settings:
     health_interval: float = 2.0
     # Hours a request_id is remembered (AIP-155 asks for at least 24).
     request_id_retention_hours: float = 48.0
+    # Days events are kept in the event log (a resume from an older position is OUT_OF_RANGE).
+    event_retention_days: float = 30.0
+    # Seconds between prunings of old events and request ids.
+    prune_interval: float = 3600.0
+    # Seconds between streams' heartbeats when there is nothing to send.
+    events_heartbeat: float = 15.0
+    # Events a subscriber may have waiting before it is ended with RESOURCE_EXHAUSTED.
+    events_buffer: int = 10_000
+    # Seconds between reads of the event log when no notification comes.
+    events_poll_interval: float = 1.0
     log_level: str = "INFO"
     # Print a span per RPC to stdout (OpenTelemetry console exporter).
     trace_console: bool = False
@@ -31,6 +41,10 @@ class Settings:
             raise ValueError("LOYALTY_REQUEST_ID_RETENTION_HOURS must be at least 24 (AIP-155)")
         if self.pool_size < 1:
             raise ValueError("LOYALTY_POOL_SIZE must be at least 1")
+        if self.events_buffer < 1:
+            raise ValueError("LOYALTY_EVENTS_BUFFER must be at least 1")
+        if min(self.events_heartbeat, self.events_poll_interval, self.prune_interval) <= 0:
+            raise ValueError("intervals must be positive")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -48,6 +62,15 @@ class Settings:
             health_interval=float(env.get("LOYALTY_HEALTH_INTERVAL", defaults.health_interval)),
             request_id_retention_hours=float(
                 env.get("LOYALTY_REQUEST_ID_RETENTION_HOURS", defaults.request_id_retention_hours)
+            ),
+            event_retention_days=float(
+                env.get("LOYALTY_EVENT_RETENTION_DAYS", defaults.event_retention_days)
+            ),
+            prune_interval=float(env.get("LOYALTY_PRUNE_INTERVAL", defaults.prune_interval)),
+            events_heartbeat=float(env.get("LOYALTY_EVENTS_HEARTBEAT", defaults.events_heartbeat)),
+            events_buffer=int(env.get("LOYALTY_EVENTS_BUFFER", defaults.events_buffer)),
+            events_poll_interval=float(
+                env.get("LOYALTY_EVENTS_POLL_INTERVAL", defaults.events_poll_interval)
             ),
             log_level=env.get("LOYALTY_LOG_LEVEL", defaults.log_level),
             trace_console=env.get("LOYALTY_TRACE_CONSOLE", "") in ("1", "true", "yes"),

@@ -8,7 +8,8 @@ import hashlib
 import hmac
 import json
 import re
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TypeVar
@@ -20,13 +21,16 @@ from .domain import (
     Account,
     AccountStatus,
     Direction,
+    Event,
+    EventFilter,
+    EventType,
     FieldViolation,
     InvalidArgument,
     OriginKind,
     PointsTransaction,
     TransactionType,
 )
-from .pb import accounts_pb2, points_pb2
+from .pb import accounts_pb2, events_pb2, points_pb2
 
 E = TypeVar("E")
 
@@ -186,6 +190,24 @@ def transaction_filter(
     return domain.TransactionFilter(account=account or None, type=type_, direction=direction)
 
 
+def event_filter(
+    v: Violations, program: str, account: str, types: Sequence[str], allowed: frozenset[EventType]
+) -> EventFilter:
+    """The filters of a subscription or list; no types means all of `allowed`."""
+    program = v.id("program", program, domain.PROGRAM_ID, required=False)
+    account = v.id("account", account, domain.ACCOUNT_ID, required=False)
+    chosen = set()
+    for index, name in enumerate(types):
+        if name in allowed:
+            chosen.add(EventType(name))
+        else:
+            names = ", ".join(sorted(allowed))
+            v.add(f"types[{index}]", f"{name[:100]!r} is not one of: {names}")
+    return EventFilter(
+        types=frozenset(chosen) or allowed, program=program or None, account=account or None
+    )
+
+
 def single_id(field_path: str, value: str, pattern: re.Pattern[str]) -> str:
     v = Violations()
     v.id(field_path, value, pattern)
@@ -219,6 +241,7 @@ def account_pb(account: Account) -> accounts_pb2.Account:
         create_time=timestamp(account.create_time),
         update_time=timestamp(account.update_time),
         merged_into=account.merged_into or "",
+        version=account.version,
     )
 
 
@@ -237,6 +260,80 @@ def transaction_pb(ptx: PointsTransaction) -> points_pb2.PointsTransaction:
         metadata=ptx.metadata,
         create_time=timestamp(ptx.create_time),
     )
+
+
+def account_event_pb(event: Event) -> accounts_pb2.AccountEvent:
+    assert isinstance(event.snapshot, Account)
+    return accounts_pb2.AccountEvent(
+        id=event.id,
+        type=event.type.value,
+        create_time=timestamp(event.create_time),
+        position=event.position,
+        program=event.program,
+        account=event.account,
+        snapshot=account_pb(event.snapshot),
+    )
+
+
+def transaction_event_pb(event: Event) -> points_pb2.TransactionEvent:
+    assert isinstance(event.snapshot, PointsTransaction)
+    return points_pb2.TransactionEvent(
+        id=event.id,
+        type=event.type.value,
+        create_time=timestamp(event.create_time),
+        position=event.position,
+        program=event.program,
+        account=event.account,
+        snapshot=transaction_pb(event.snapshot),
+    )
+
+
+def event_pb(event: Event) -> events_pb2.Event:
+    if isinstance(event.snapshot, Account):
+        return events_pb2.Event(account_event=account_event_pb(event))
+    return events_pb2.Event(transaction_event=transaction_event_pb(event))
+
+
+class EncodedEvents:
+    """Stream responses (SubscribeAccountEventsResponse, SubscribeTransactionEventsResponse)
+    as bytes, built from events encoded once each.
+
+    A new event goes to every subscriber that wants it; encoding it once and joining the
+    bytes makes a response's cost per subscriber a copy. Both responses are `repeated
+    <event> events = 1; int64 position = 2;`, which is all this writes.
+    """
+
+    def __init__(self, capacity: int = 50_000) -> None:
+        self._capacity = capacity
+        self._fields: OrderedDict[int, bytes] = OrderedDict()  # by position
+
+    def response(self, events: list[Event], position: int) -> bytes:
+        parts = [self._field(event) for event in events]
+        if position:
+            parts.append(b"\x10" + _varint(position))
+        return b"".join(parts)
+
+    def _field(self, event: Event) -> bytes:
+        encoded = self._fields.get(event.position)
+        if encoded is None:
+            if isinstance(event.snapshot, Account):
+                payload = account_event_pb(event).SerializeToString()
+            else:
+                payload = transaction_event_pb(event).SerializeToString()
+            encoded = b"\x0a" + _varint(len(payload)) + payload  # field 1, length-delimited
+            self._fields[event.position] = encoded
+            if len(self._fields) > self._capacity:
+                self._fields.popitem(last=False)
+        return encoded
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 # ---------------------------------------------------------------------------------------

@@ -52,6 +52,8 @@ accounts = sa.Table(
     sa.Column("create_time", sa.DateTime(timezone=True), nullable=False),
     sa.Column("update_time", sa.DateTime(timezone=True), nullable=False),
     sa.Column("merged_into", sa.Text, sa.ForeignKey("accounts.id")),
+    # One more with every change of the account, postings included.
+    sa.Column("version", sa.BigInteger, nullable=False),
     sa.CheckConstraint("status IN ('ACTIVE', 'CLOSED', 'MERGED')", name="status"),
     sa.CheckConstraint("lifetime_points >= 0", name="lifetime_points"),
     sa.CheckConstraint("(status = 'MERGED') = (merged_into IS NOT NULL)", name="merged_into"),
@@ -118,6 +120,34 @@ idempotency_keys = sa.Table(
     sa.Column("response", JSONB),
     sa.Column("create_time", sa.DateTime(timezone=True), nullable=False),
     sa.Index("ix_idempotency_keys_create_time", "create_time"),
+)
+
+# The event log (transactional outbox): one row per change, written in the change's
+# transaction. Positions are 1, 2, 3, ... in commit order with no gaps: each is taken from
+# event_log_head under that row's lock, which its transaction holds until it commits.
+events = sa.Table(
+    "events",
+    metadata,
+    sa.Column("position", sa.BigInteger, primary_key=True),
+    # `evt_` + random; ids are never looked up, so they have no index.
+    sa.Column("id", sa.Text, nullable=False),
+    sa.Column("type", sa.Text, nullable=False),
+    sa.Column("create_time", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("program_id", sa.Text, nullable=False),
+    sa.Column("account_id", sa.Text, nullable=False),
+    # points_transaction.created: the ledger row is the snapshot (see domain.as_posted).
+    sa.Column("transaction_id", sa.Text),
+    # Account events: the account as of the change.
+    sa.Column("snapshot", JSONB),
+    sa.Index("ix_events_account_id_position", "account_id", "position"),
+)
+
+event_log_head = sa.Table(
+    "event_log_head",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    # The position of the newest committed event.
+    sa.Column("position", sa.BigInteger, nullable=False),
 )
 
 service_settings = sa.Table(

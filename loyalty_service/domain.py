@@ -93,6 +93,9 @@ class Account:
     create_time: datetime
     update_time: datetime
     merged_into: str | None = None
+    # One more with every change of the account, postings included: of two snapshots of
+    # one account, the one with the higher version is the newer.
+    version: int = 1
 
 
 @dataclass(frozen=True)
@@ -220,6 +223,32 @@ class ProgramMismatch(FailedPrecondition):
     reason = "PROGRAM_MISMATCH"
 
 
+class OutOfRange(LedgerError):
+    pass
+
+
+class EventPositionExpired(OutOfRange):
+    """The events after the position asked for are no longer retained: some were pruned."""
+
+    reason = "EVENT_POSITION_EXPIRED"
+
+
+class SubscriberTooSlow(LedgerError):
+    """A subscriber fell so far behind that the events waiting for it filled its buffer."""
+
+    reason = "SUBSCRIBER_TOO_SLOW"
+
+
+class ServerStopping(LedgerError):
+    reason = "SERVER_STOPPING"
+
+
+class EventPositionAhead(OutOfRange):
+    """The position asked for is past the newest event: it is not from this event log."""
+
+    reason = "EVENT_POSITION_AHEAD"
+
+
 # ---------------------------------------------------------------------------------------
 # Rules.
 
@@ -343,12 +372,28 @@ def check_merge(source: Account, target: Account) -> None:
     require_active(target)
 
 
+def revised(account: Account, now: datetime, **changes: object) -> Account:
+    """The account after a change: its update time and version move on with it."""
+    return replace(account, **changes, update_time=now, version=account.version + 1)  # type: ignore[arg-type]
+
+
 def merged_target(target: Account, source: Account, now: datetime) -> Account:
-    return replace(
+    return revised(
         target,
+        now,
         balance=target.balance + source.balance,
         lifetime_points=target.lifetime_points + source.lifetime_points,
-        update_time=now,
+    )
+
+
+def merged_source(source: Account, target: Account, now: datetime) -> Account:
+    return revised(
+        source,
+        now,
+        status=AccountStatus.MERGED,
+        merged_into=target.id,
+        balance=0,
+        lifetime_points=0,
     )
 
 
@@ -378,3 +423,89 @@ class NewTransaction:
     origin_kind: OriginKind = OriginKind.MANUAL
     origin_id: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------
+# Events: what the event log records of each change, for subscribers.
+
+
+class EventType(enum.StrEnum):
+    ACCOUNT_CREATED = "loyalty.account.created"
+    ACCOUNT_UPDATED = "loyalty.account.updated"
+    ACCOUNT_CLOSED = "loyalty.account.closed"
+    ACCOUNT_REOPENED = "loyalty.account.reopened"
+    ACCOUNT_MERGED = "loyalty.account.merged"
+    TRANSACTION_CREATED = "points_transaction.created"
+
+
+ACCOUNT_EVENT_TYPES = frozenset(t for t in EventType if t.startswith("loyalty.account."))
+TRANSACTION_EVENT_TYPES = frozenset({EventType.TRANSACTION_CREATED})
+
+
+@dataclass(frozen=True)
+class Event:
+    id: str  # `evt_` + random: the same on every delivery, for consumers to de-duplicate
+    type: EventType
+    create_time: datetime
+    program: str
+    account: str
+    # The resource as of the change: an Account (account events) or a PointsTransaction.
+    snapshot: Account | PointsTransaction
+    # 1, 2, 3, ... in commit order; 0 until the event is written.
+    position: int = 0
+
+
+def account_event(type_: EventType, account: Account) -> Event:
+    return Event(
+        id=new_id("evt_"),
+        type=type_,
+        create_time=account.update_time,
+        program=account.program,
+        account=account.id,
+        snapshot=account,
+    )
+
+
+def transaction_event(transaction: PointsTransaction, program: str) -> Event:
+    return Event(
+        id=new_id("evt_"),
+        type=EventType.TRANSACTION_CREATED,
+        create_time=transaction.create_time,
+        program=program,
+        account=transaction.account,
+        snapshot=transaction,
+    )
+
+
+@dataclass(frozen=True)
+class EventFilter:
+    """Which events a subscriber or a list wants; None and empty mean any."""
+
+    types: frozenset[EventType]
+    program: str | None = None
+    account: str | None = None
+
+    def matches(self, event: Event) -> bool:
+        return (
+            event.type in self.types
+            and (self.program is None or event.program == self.program)
+            and (self.account is None or event.account == self.account)
+        )
+
+
+def check_position(after: int, oldest: int, newest: int) -> None:
+    """A stream or list may start after any position from just before the oldest retained
+    event up to the newest: anything else would skip events silently."""
+    if after < oldest - 1:
+        raise EventPositionExpired(
+            f"events after position {after} are no longer retained; the oldest retained"
+            f" is {oldest}",
+            position=after,
+            oldestPosition=oldest,
+        )
+    if after > newest:
+        raise EventPositionAhead(
+            f"position {after} is past the newest event, {newest}",
+            position=after,
+            newestPosition=newest,
+        )

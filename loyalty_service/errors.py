@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import grpc
@@ -21,7 +21,10 @@ from .domain import (
     InvalidArgument,
     LedgerError,
     NotFound,
+    OutOfRange,
     RequestIdReused,
+    ServerStopping,
+    SubscriberTooSlow,
 )
 
 DOMAIN = "loyalty.vinr.v1"
@@ -34,6 +37,9 @@ CODES: list[tuple[type[LedgerError], grpc.StatusCode]] = [
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (AccountAlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (OutOfRange, grpc.StatusCode.OUT_OF_RANGE),
+    (SubscriberTooSlow, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (ServerStopping, grpc.StatusCode.UNAVAILABLE),
 ]
 
 
@@ -74,38 +80,63 @@ def to_status(error: LedgerError) -> grpc.Status:
 
 
 Handler = TypeVar("Handler", bound=Callable[..., Awaitable[object]])
+StreamHandler = TypeVar("StreamHandler", bound=Callable[..., AsyncIterator[object]])
+
+
+def status_of(error: Exception, method: str) -> grpc.Status:
+    """What a handler's exception becomes: domain errors by the table, an unreachable
+    database UNAVAILABLE, anything else INTERNAL without details."""
+    if isinstance(error, LedgerError):
+        return to_status(error)
+    if isinstance(error, QueryCanceled):
+        log.warning("database statement timed out in %s: %s", method, error)
+        return _status(
+            grpc.StatusCode.UNAVAILABLE,
+            "the database did not answer in time; retry with the same request_id",
+            "DATABASE_TIMEOUT",
+            {},
+        )
+    if isinstance(error, PoolTimeout | OperationalError | InterfaceError):
+        log.warning("database unavailable in %s: %s", method, error)
+        return _status(
+            grpc.StatusCode.UNAVAILABLE,
+            "the database is unavailable; retry later",
+            "DATABASE_UNAVAILABLE",
+            {},
+        )
+    log.error("unexpected error in %s", method, exc_info=error)
+    return _status(grpc.StatusCode.INTERNAL, "internal error", "INTERNAL", {})
 
 
 def translated(method: Handler) -> Handler:
-    """Turns what a unary handler raises into a status: domain errors by the table, an
-    unreachable database into UNAVAILABLE, anything else into INTERNAL without details."""
+    """Turns what a unary handler raises into a status (status_of)."""
 
     @functools.wraps(method)
     async def handler(self: object, request: object, context: grpc.aio.ServicerContext) -> object:
         try:
             return await method(self, request, context)
-        except LedgerError as error:
-            status = to_status(error)
-        except QueryCanceled as error:
-            log.warning("database statement timed out in %s: %s", method.__name__, error)
-            status = _status(
-                grpc.StatusCode.UNAVAILABLE,
-                "the database did not answer in time; retry with the same request_id",
-                "DATABASE_TIMEOUT",
-                {},
-            )
-        except (PoolTimeout, OperationalError, InterfaceError) as error:
-            log.warning("database unavailable in %s: %s", method.__name__, error)
-            status = _status(
-                grpc.StatusCode.UNAVAILABLE,
-                "the database is unavailable; retry later",
-                "DATABASE_UNAVAILABLE",
-                {},
-            )
-        except Exception:
-            log.exception("unexpected error in %s", method.__name__)
-            status = _status(grpc.StatusCode.INTERNAL, "internal error", "INTERNAL", {})
+        except Exception as error:
+            status = status_of(error, method.__name__)
         await context.abort_with_status(status)
         raise AssertionError("abort_with_status returns only by raising")
+
+    return handler  # type: ignore[return-value]
+
+
+def translated_stream(method: StreamHandler) -> StreamHandler:
+    """Turns what a server-streaming handler raises into a status (status_of)."""
+
+    @functools.wraps(method)
+    async def handler(
+        self: object, request: object, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[object]:
+        try:
+            async for response in method(self, request, context):
+                yield response
+        except Exception as error:
+            status = status_of(error, method.__name__)
+        else:
+            return
+        await context.abort_with_status(status)
 
     return handler  # type: ignore[return-value]

@@ -23,6 +23,8 @@ from .domain import (
     AccountNotClosed,
     AccountNotFound,
     AccountStatus,
+    EventFilter,
+    EventType,
     FieldViolation,
     InvalidArgument,
     MergeResult,
@@ -34,6 +36,8 @@ from .domain import (
     TransactionFilter,
     TransactionNotFound,
     TransactionType,
+    account_event,
+    transaction_event,
 )
 from .store import Conn
 
@@ -188,6 +192,7 @@ class Ledger:
             if not await store.insert_account(conn, account):
                 assert customer is not None  # accounts without a customer never conflict
                 await self._raise_already_exists(conn, program, customer)
+            await store.append_events(conn, [account_event(EventType.ACCOUNT_CREATED, account)])
             return account
 
         params = {"program": program, "customer": customer, "metadata": metadata}
@@ -219,13 +224,14 @@ class Ledger:
                 customer = None
             elif changes.customer is not None:
                 customer = changes.customer
-            updated = replace(
+            updated = domain.revised(
                 account,
+                self.clock(),
                 customer=customer,
                 metadata=account.metadata if changes.metadata is None else changes.metadata,
-                update_time=self.clock(),
             )
             await self._save_account(conn, updated)
+            await store.append_events(conn, [account_event(EventType.ACCOUNT_UPDATED, updated)])
             return updated
 
         params = {
@@ -240,8 +246,9 @@ class Ledger:
         async def work(conn: Conn) -> Account:
             account = await self._lock_account(conn, account_id)
             domain.require_active(account)
-            closed = replace(account, status=AccountStatus.CLOSED, update_time=self.clock())
+            closed = domain.revised(account, self.clock(), status=AccountStatus.CLOSED)
             await store.save_account(conn, closed)
+            await store.append_events(conn, [account_event(EventType.ACCOUNT_CLOSED, closed)])
             return closed
 
         return await self._run("CloseAccount", request_id, {"id": account_id}, Account, work)
@@ -255,8 +262,9 @@ class Ledger:
                     account=account_id,
                     status=account.status,
                 )
-            reopened = replace(account, status=AccountStatus.ACTIVE, update_time=self.clock())
+            reopened = domain.revised(account, self.clock(), status=AccountStatus.ACTIVE)
             await self._save_account(conn, reopened)
+            await store.append_events(conn, [account_event(EventType.ACCOUNT_REOPENED, reopened)])
             return reopened
 
         return await self._run("ReopenAccount", request_id, {"id": account_id}, Account, work)
@@ -279,17 +287,17 @@ class Ledger:
             after_seq = await store.last_transaction_seq(conn, [source_id, target_id])
             await store.reparent_transactions(conn, source_id, target_id)
             await store.record_merge(conn, source, target_id, after_seq, now)
-            merged_source = replace(
-                source,
-                status=AccountStatus.MERGED,
-                merged_into=target_id,
-                balance=0,
-                lifetime_points=0,
-                update_time=now,
-            )
+            merged_source = domain.merged_source(source, target, now)
             merged_target = domain.merged_target(target, source, now)
             await store.save_account(conn, merged_source)
             await store.save_account(conn, merged_target)
+            await store.append_events(
+                conn,
+                [
+                    account_event(EventType.ACCOUNT_MERGED, merged_source),
+                    account_event(EventType.ACCOUNT_UPDATED, merged_target),
+                ],
+            )
             return MergeResult(target=merged_target, source=merged_source)
 
         params = {"source": source_id, "target": target_id}
@@ -409,12 +417,31 @@ class Ledger:
             await store.save_totals(
                 conn, account.id, posting.balance_after, posting.lifetime_after, now
             )
+            await store.append_events(conn, [transaction_event(reversal, account.program)])
             return reversal
 
         params = {"id": transaction_id, "amount": amount, "reason": reason}
         return await self._run(
             "ReversePointsTransaction", request_id, params, PointsTransaction, work
         )
+
+    # -- events --------------------------------------------------------------------------
+
+    async def list_events(
+        self, where: EventFilter, after: int, limit: int, *, check: bool
+    ) -> store.EventPage:
+        """A page of events after a position; with `check`, OUT_OF_RANGE unless every event
+        after it is still retained."""
+        async with db.connection(self.pool) as conn:
+            page = await store.events_page(conn, where, after, limit)
+        if check:
+            domain.check_position(after, page.oldest, page.head)
+        return page
+
+    async def prune_events(self, keep: timedelta) -> int:
+        """Deletes the events older than `keep`."""
+        async with db.connection(self.pool) as conn:
+            return await store.prune_events(conn, self.clock() - keep)
 
     # -- housekeeping --------------------------------------------------------------------
 
@@ -437,7 +464,9 @@ class Ledger:
 
         The request id is claimed first, in the same transaction as the change: a retry that
         races the first attempt waits for it and then replays its response. Only successful
-        responses are kept; a request that failed may be retried with the same id.
+        responses are kept; a request that failed may be retried with the same id. `work`
+        appends the change's events as its last step (store.append_events), so a replay
+        writes none.
         """
         key, fingerprint = _request_key(method, request_id, params)
         for _ in range(3):

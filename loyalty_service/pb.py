@@ -16,8 +16,17 @@ if str(_GENERATED) not in sys.path:
 from vinr.loyalty.v1 import (  # noqa: E402
     accounts_pb2,
     accounts_pb2_grpc,
+    events_pb2,
+    events_pb2_grpc,
     points_pb2,
     points_pb2_grpc,
 )
 
-__all__ = ["accounts_pb2", "accounts_pb2_grpc", "points_pb2", "points_pb2_grpc"]
+__all__ = [
+    "accounts_pb2",
+    "accounts_pb2_grpc",
+    "events_pb2",
+    "events_pb2_grpc",
+    "points_pb2",
+    "points_pb2_grpc",
+]

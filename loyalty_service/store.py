@@ -8,6 +8,7 @@ prepares each statement on the server after a few uses.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
 import types
@@ -26,6 +27,8 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from .db import (
     account_merges,
     accounts,
+    event_log_head,
+    events,
     idempotency_keys,
     points_transactions,
     programs,
@@ -37,11 +40,16 @@ from .domain import (
     AccountStatus,
     Change,
     Direction,
+    Event,
+    EventFilter,
+    EventType,
     OriginKind,
     Page,
     PointsTransaction,
     TransactionFilter,
     TransactionType,
+    as_posted,
+    new_id,
 )
 
 T = typing.TypeVar("T")
@@ -90,6 +98,7 @@ def _account(row: Row) -> Account:
         create_time=row.create_time,
         update_time=row.update_time,
         merged_into=row.merged_into,
+        version=row.version,
     )
 
 
@@ -125,6 +134,7 @@ def _account_params(account: Account) -> dict[str, object]:
         "create_time": account.create_time,
         "update_time": account.update_time,
         "merged_into": account.merged_into,
+        "version": account.version,
     }
 
 
@@ -220,6 +230,7 @@ _SAVE_TOTALS = _sql(
         balance=_bind(accounts.c.balance),
         lifetime_points=_bind(accounts.c.lifetime_points),
         update_time=_bind(accounts.c.update_time),
+        version=accounts.c.version + _const(1),
     )
 )
 
@@ -365,10 +376,14 @@ def _post_transaction_sql(with_request_id: bool) -> str:
             INSERT INTO idempotency_keys (key, fingerprint, response, create_time)
             SELECT :key, :fingerprint, to_jsonb(CAST(:id AS text)), :create_time
             FROM posted
+            RETURNING key
         )"""
         if with_request_id
         else ""
     )
+    # The event log's head is the last lock taken (see append_events): after the key's
+    # insert, which may wait for a racing retry's.
+    written_last = "saved" if with_request_id else "posted"
     prior_columns = (
         "(SELECT fingerprint FROM prior) AS prior_fingerprint,"
         " (SELECT response FROM prior) AS prior_response,"
@@ -385,12 +400,12 @@ def _post_transaction_sql(with_request_id: bool) -> str:
         ), moved AS (
             UPDATE accounts SET balance = accounts.balance + :delta,
                 lifetime_points = accounts.lifetime_points + :lifetime_delta,
-                update_time = :create_time
+                update_time = :create_time, version = accounts.version + 1
             FROM locked
             WHERE accounts.id = locked.id AND locked.status = 'ACTIVE'
               AND locked.balance + :delta BETWEEN :min_balance AND :max_balance
               {not_replayed}
-            RETURNING accounts.balance
+            RETURNING accounts.balance, accounts.program_id
         ), posted AS (
             INSERT INTO points_transactions (id, account_id, original_account_id, type,
                 direction, amount, points_after, reason, origin_kind, origin_id, reverses_id,
@@ -399,7 +414,17 @@ def _post_transaction_sql(with_request_id: bool) -> str:
                 :origin_kind, :origin_id, NULL, 0, :metadata, :create_time
             FROM moved
             RETURNING points_after
-        ){saved}
+        ){saved}, head AS (
+            UPDATE event_log_head SET position = event_log_head.position + 1
+            WHERE EXISTS (SELECT 1 FROM {written_last})
+            RETURNING position
+        ), logged AS (
+            INSERT INTO events (position, id, type, create_time, program_id, account_id,
+                transaction_id, snapshot)
+            SELECT head.position, :event_id, '{EventType.TRANSACTION_CREATED}', :create_time,
+                moved.program_id, :account_id, :id, NULL
+            FROM head, moved
+        )
         SELECT {prior_columns} (SELECT points_after FROM posted) AS points_after, {columns}
         FROM (SELECT 1) AS one LEFT JOIN locked ON true
         """)
@@ -429,6 +454,8 @@ class NewPosting:
     ptx: PointsTransaction
     change: Change
     request: tuple[str, str] | None = None
+    # The id of its points_transaction.created event.
+    event_id: str = dataclasses.field(default_factory=lambda: new_id("evt_"))
 
 
 def _posting_values(posting: NewPosting) -> dict[str, typing.Any]:
@@ -452,6 +479,7 @@ def _posting_values(posting: NewPosting) -> dict[str, typing.Any]:
         "create_time": ptx.create_time,
         "key": key,
         "fingerprint": fingerprint,
+        "event_id": posting.event_id,
     }
 
 
@@ -498,7 +526,7 @@ _POST_TRANSACTIONS = _sql(
             idx int, id text, account_id text, type text, direction text, amount bigint,
             delta bigint, lifetime_delta bigint, min_balance bigint, max_balance bigint,
             reason text, origin_kind text, origin_id text, metadata jsonb,
-            create_time timestamptz, key text, fingerprint text)
+            create_time timestamptz, key text, fingerprint text, event_id text)
     ), prior AS (
         SELECT request.idx, k.fingerprint, k.response
         FROM idempotency_keys AS k JOIN request ON request.key = k.key
@@ -516,13 +544,13 @@ _POST_TRANSACTIONS = _sql(
         -- once led the planner to scan the whole partial index of ACTIVE accounts.)
         UPDATE accounts SET balance = accounts.balance + request.delta,
             lifetime_points = accounts.lifetime_points + request.lifetime_delta,
-            update_time = request.create_time
+            update_time = request.create_time, version = accounts.version + 1
         FROM request
         WHERE accounts.id = ANY (ARRAY(SELECT id FROM locked WHERE status = 'ACTIVE'))
           AND accounts.id = request.account_id
           AND accounts.balance + request.delta BETWEEN request.min_balance AND request.max_balance
           AND NOT EXISTS (SELECT 1 FROM prior WHERE prior.idx = request.idx)
-        RETURNING request.idx, accounts.balance
+        RETURNING request.idx, accounts.balance, accounts.program_id
     ), posted AS (
         INSERT INTO points_transactions (id, account_id, original_account_id, type, direction,
             amount, points_after, reason, origin_kind, origin_id, reverses_id, reversed_amount,
@@ -538,6 +566,20 @@ _POST_TRANSACTIONS = _sql(
         -- In key order: two batches racing on the same keys (from two replicas) then wait
         -- for each other in one order, never in a cycle.
         ORDER BY r.key
+        RETURNING key
+    ), head AS (
+        -- The event log's head is the last lock taken (see append_events): after the keys'
+        -- inserts, which may wait for a racing retry's.
+        UPDATE event_log_head SET position = event_log_head.position + (SELECT count(*) FROM moved)
+        WHERE EXISTS (SELECT 1 FROM moved) AND (SELECT count(*) FROM saved) >= 0
+        RETURNING position
+    ), logged AS (
+        INSERT INTO events (position, id, type, create_time, program_id, account_id,
+            transaction_id, snapshot)
+        SELECT head.position - (SELECT count(*) FROM moved) + row_number() OVER (ORDER BY r.idx),
+            r.event_id, 'points_transaction.created', r.create_time, moved.program_id,
+            r.account_id, r.id, NULL
+        FROM head, moved JOIN request AS r USING (idx)
     )
     SELECT request.idx, moved.balance AS points_after, prior.fingerprint AS prior_fingerprint,
            prior.response AS prior_response
@@ -675,6 +717,171 @@ async def record_merge(
             "create_time": now,
         },
     )
+
+
+# ---------------------------------------------------------------------------------------
+# The event log.
+
+_APPEND_EVENTS = _sql(
+    sa.text("""
+    WITH head AS (
+        UPDATE event_log_head SET position = event_log_head.position + :count
+        RETURNING position
+    )
+    INSERT INTO events (position, id, type, create_time, program_id, account_id,
+        transaction_id, snapshot)
+    SELECT head.position - :count + e.ord, e.id, e.type, e.create_time, e.program_id,
+        e.account_id, e.transaction_id, e.snapshot
+    FROM head, jsonb_to_recordset(CAST(:events AS jsonb)) AS e(ord int, id text, type text,
+        create_time timestamptz, program_id text, account_id text, transaction_id text,
+        snapshot jsonb)
+    """)
+)
+
+
+async def append_events(conn: Conn, new_events: list[Event]) -> None:
+    """Appends events to the log, in its transaction: call it as the transaction's last step.
+
+    Positions are taken from event_log_head, whose row lock the transaction then holds until
+    it commits. So positions become visible in order, with no gaps: a reader that has seen
+    position N has seen every position before it, and nothing with a lower position can
+    commit later. It also serialises the commits of all writers, which is why this is the
+    last lock any transaction takes (no deadlock with row locks taken before it) and why it
+    comes last (it is held for the shortest time).
+    """
+    rows = [
+        {
+            "ord": ord_,
+            "id": event.id,
+            "type": event.type.value,
+            "create_time": event.create_time.isoformat(),
+            "program_id": event.program,
+            "account_id": event.account,
+            "transaction_id": (
+                event.snapshot.id if isinstance(event.snapshot, PointsTransaction) else None
+            ),
+            "snapshot": to_json(event.snapshot) if isinstance(event.snapshot, Account) else None,
+        }
+        for ord_, event in enumerate(new_events, start=1)
+    ]
+    await conn.execute(_APPEND_EVENTS, {"count": len(rows), "events": Jsonb(rows)})
+
+
+_TRANSACTION_COLUMN_NAMES = ", ".join(f"t.{c.name}" for c in _TRANSACTION_COLUMNS)
+
+
+@functools.cache
+def _events_page_sql(program: bool, account: bool) -> str:
+    """Events after a position, oldest first, with the log's head and oldest retained
+    position, all read in the statement's one snapshot."""
+    conditions = ["e.position > :after", "e.position <= head.position", "e.type = ANY(:types)"]
+    if program:
+        conditions.append("e.program_id = :program_id")
+    if account:
+        conditions.append("e.account_id = :account_id")
+    return _sql(
+        sa.text(f"""
+        SELECT head.position AS head,
+            coalesce((SELECT min(position) FROM events), head.position + 1) AS oldest,
+            page.*
+        FROM event_log_head AS head LEFT JOIN LATERAL (
+            SELECT e.position, e.id AS event_id, e.type AS event_type,
+                e.create_time AS event_time, e.program_id AS event_program,
+                e.account_id AS event_account, e.snapshot, {_TRANSACTION_COLUMN_NAMES}
+            FROM events AS e LEFT JOIN points_transactions AS t ON t.id = e.transaction_id
+            WHERE {" AND ".join(conditions)}
+            ORDER BY e.position
+            LIMIT :limit
+        ) AS page ON true
+        """)
+    )
+
+
+@dataclass(frozen=True)
+class EventPage:
+    events: list[Event]
+    head: int  # the newest committed position when the page was read
+    oldest: int  # the oldest retained position then (head + 1 when none is)
+    # Every matching event up to this position is in this page or was before `after`.
+    reached: int
+
+
+async def events_page(conn: Conn, where: EventFilter, after: int, limit: int) -> EventPage:
+    sql = _events_page_sql(where.program is not None, where.account is not None)
+    params = {
+        "after": after,
+        "types": [t.value for t in where.types],
+        "program_id": where.program,
+        "account_id": where.account,
+        "limit": limit,
+    }
+    cursor = await conn.execute(sql, params)
+    rows = await cursor.fetchall()
+    found = [_event(row) for row in rows if row.position is not None]
+    head = rows[0].head
+    reached = found[-1].position if found and len(found) == limit else head
+    return EventPage(found, head, rows[0].oldest, reached)
+
+
+def _event(row: Row) -> Event:
+    snapshot: Account | PointsTransaction
+    if row.snapshot is None:
+        snapshot = as_posted(_transaction(row))
+    else:
+        snapshot = from_json(Account, row.snapshot)
+    return Event(
+        id=row.event_id,
+        type=EventType(row.event_type),
+        create_time=row.event_time,
+        program=row.event_program,
+        account=row.event_account,
+        snapshot=snapshot,
+        position=row.position,
+    )
+
+
+_OLDEST_AND_HEAD = _sql(
+    sa.select(
+        sa.select(sa.func.min(events.c.position)).scalar_subquery().label("oldest"),
+        event_log_head.c.position.label("head"),
+    )
+)
+_EVENT_TIME = _sql(
+    sa.select(events.c.create_time).where(events.c.position == sa.bindparam("position"))
+)
+_PRUNE_EVENTS = _sql(
+    sa.delete(events).where(
+        events.c.position < sa.bindparam("before", type_=sa.BigInteger),
+    )
+)
+_PRUNE_CHUNK = 10_000
+
+
+async def prune_events(conn: Conn, before: datetime) -> int:
+    """Deletes the events written before `before`, oldest first, so that what is retained is
+    always one run of positions (a resume finds all of its events, or none: no holes).
+
+    The cut is found by binary search over the positions (event times rise with them, to
+    within the replicas' clock skew) rather than by an index on time, which every write
+    would pay for.
+    """
+    row = await _one(conn, _OLDEST_AND_HEAD, {})
+    assert row is not None
+    if row.oldest is None:
+        return 0
+    low, high = row.oldest, row.head + 1  # the first position to keep is in [low, high]
+    while low < high:
+        middle = (low + high) // 2
+        time_row = await _one(conn, _EVENT_TIME, {"position": middle})
+        if time_row is not None and time_row.create_time >= before:
+            high = middle
+        else:  # older, or just pruned by another replica
+            low = middle + 1
+    pruned = 0
+    for cut in range(row.oldest + _PRUNE_CHUNK, low + _PRUNE_CHUNK, _PRUNE_CHUNK):
+        cursor = await conn.execute(_PRUNE_EVENTS, {"before": min(cut, low)})
+        pruned += cursor.rowcount
+    return pruned
 
 
 # ---------------------------------------------------------------------------------------

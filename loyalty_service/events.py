@@ -1,0 +1,272 @@
+"""Event delivery: tailing the event log and fanning new events out to subscribers.
+
+Each server process has one EventFeed. It reads new events from the log (store.events_page)
+when woken, by a PostgreSQL notification (every commit that appends events sends one; see
+migration 0002) or by a timer (notifications are lost while nobody listens, e.g. while the
+listening connection reconnects), and hands each to the subscriptions it matches. A
+subscription first catches up from the table on its own, then joins the feed at a position
+the feed has not passed yet, so that no event is missed or repeated at the seam.
+
+The feed never waits for a subscriber: each has a bounded buffer, and one that falls too far
+behind is ended (SubscriberTooSlow) and may resume from its last position. Events are
+encoded once, however many subscribers receive them (see convert.encode_event).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+from . import db, domain, store
+from .domain import Event, EventFilter, LedgerError, ServerStopping, SubscriberTooSlow
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "loyalty_events"
+EVERY_EVENT = EventFilter(types=frozenset(domain.EventType))
+
+
+@dataclass(frozen=True)
+class FeedSettings:
+    # Seconds between reads of the log when no notification comes.
+    poll_interval: float = 1.0
+    # Seconds the feed waits after a read before the next one: under load, one read (and one
+    # message per subscriber) then carries all the events that committed meanwhile.
+    read_interval: float = 0.02
+    # Events per read, and per catch-up page.
+    page_size: int = 500
+    # Events a subscription may have waiting to be sent before it is ended as too slow.
+    buffer_size: int = 10_000
+    # Seconds without anything to send after which a stream sends a heartbeat.
+    heartbeat_interval: float = 15.0
+
+
+@dataclass(frozen=True)
+class Batch:
+    """What a stream sends in one response: events, and the position reached with them."""
+
+    events: list[Event]
+    position: int
+
+
+class Subscription:
+    """One stream's place in the feed: what it wants, and what waits to be sent to it."""
+
+    def __init__(self, where: EventFilter, reached: int, buffer_size: int) -> None:
+        self.where = where
+        # Every matching event up to here is waiting in the buffer or was sent.
+        self.reached = reached
+        self.ended: LedgerError | None = None
+        self._buffer_size = buffer_size
+        self._waiting: deque[Batch] = deque()
+        self._waiting_events = 0
+        self._ready = asyncio.Event()
+
+    def offer(self, events: list[Event], reached: int) -> None:
+        """Takes what it matches of events the feed read up to `reached`; never blocks."""
+        if self.ended is not None:
+            return
+        matching = [e for e in events if e.position > self.reached and self.where.matches(e)]
+        if matching:
+            if self._waiting_events + len(matching) > self._buffer_size:
+                self.end(
+                    SubscriberTooSlow(
+                        f"the subscriber fell more than {self._buffer_size} events behind;"
+                        f" resume after the last position received",
+                        bufferSize=self._buffer_size,
+                    )
+                )
+                return
+            self._waiting.append(Batch(matching, max(reached, self.reached)))
+            self._waiting_events += len(matching)
+            self._ready.set()
+        self.reached = max(self.reached, reached)
+
+    def end(self, error: LedgerError) -> None:
+        self.ended = error
+        self._waiting.clear()
+        self._waiting_events = 0
+        self._ready.set()
+
+    async def next(self, heartbeat_interval: float, max_events: int) -> Batch:
+        """What waits to be sent (up to about max_events), or after heartbeat_interval
+        seconds with nothing, an empty batch at the position reached: a heartbeat."""
+        if not self._waiting and self.ended is None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(heartbeat_interval):
+                    await self._ready.wait()
+        if self.ended is not None:
+            raise self.ended
+        if not self._waiting:
+            self._ready.clear()
+            return Batch([], self.reached)
+        events: list[Event] = []
+        position = self.reached
+        while self._waiting and len(events) < max_events:
+            batch = self._waiting.popleft()
+            events += batch.events
+            position = batch.position
+        self._waiting_events -= len(events)
+        if not self._waiting:
+            self._ready.clear()
+            position = self.reached
+        return Batch(events, position)
+
+
+class EventFeed:
+    def __init__(
+        self, pool: AsyncConnectionPool, database_url: str, settings: FeedSettings
+    ) -> None:
+        self.pool = pool
+        self.database_url = database_url
+        self.settings = settings
+        # Every event up to here has been offered to every subscription in the feed.
+        self.head = 0
+        self.listening = False
+        self._subscriptions: set[Subscription] = set()
+        self._wake = asyncio.Event()
+        self._closed = False
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._subscriptions)
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._listen()),
+            asyncio.create_task(self._read_continually()),
+        ]
+
+    async def close(self) -> None:
+        """Ends every stream with ServerStopping, so clients resume on another replica."""
+        self._closed = True
+        for subscription in self._subscriptions:
+            subscription.end(_stopping())
+        self._subscriptions.clear()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # -- subscribing ---------------------------------------------------------------------
+
+    async def start_position(self, after: int | None, from_oldest: bool) -> int:
+        """The position a stream starts after: `after` if it is still valid, just before the
+        oldest retained event, or (by default) the newest event: from now."""
+        async with db.connection(self.pool) as conn:
+            page = await store.events_page(conn, EVERY_EVENT, 0, 0)
+        if after is not None:
+            domain.check_position(after, page.oldest, page.head)
+            return after
+        return page.oldest - 1 if from_oldest else page.head
+
+    async def subscribe(self, where: EventFilter, after: int) -> AsyncIterator[Batch]:
+        """Every event matching `where` after position `after`, in order, and then each new
+        one as it commits; a heartbeat when there is nothing to send for a while."""
+        settings = self.settings
+        subscription = Subscription(where, after, settings.buffer_size)
+        try:
+            # Catch up from the table until a read reaches the feed's head; then join the
+            # feed, which offers only what comes after that.
+            while True:
+                if self._closed:
+                    raise _stopping()
+                async with db.connection(self.pool) as conn:
+                    page = await store.events_page(
+                        conn, where, subscription.reached, settings.page_size
+                    )
+                domain.check_position(subscription.reached, page.oldest, page.head)
+                subscription.reached = page.reached
+                if page.events:
+                    yield Batch(page.events, page.reached)
+                if page.reached == page.head and page.reached >= self.head:
+                    if not self._subscriptions:
+                        self.head = max(self.head, page.reached)
+                    self._subscriptions.add(subscription)
+                    self._wake.set()  # anything newer: read it now
+                    break
+            while True:
+                yield await subscription.next(settings.heartbeat_interval, settings.page_size)
+        finally:
+            self._subscriptions.discard(subscription)
+
+    # -- reading the log -----------------------------------------------------------------
+
+    async def _read_continually(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.poll_interval):
+                    await self._wake.wait()
+            self._wake.clear()
+            if self._subscriptions:
+                try:
+                    await self._read_new_events()
+                except Exception as error:  # the next wake-up or poll tries again
+                    log.warning("could not read the event log: %s", error)
+                    await asyncio.sleep(self.settings.poll_interval)
+            await asyncio.sleep(self.settings.read_interval)
+
+    async def _read_new_events(self) -> None:
+        while self._subscriptions:
+            async with db.connection(self.pool) as conn:
+                page = await store.events_page(
+                    conn, EVERY_EVENT, self.head, self.settings.page_size
+                )
+            if page.oldest > self.head + 1:
+                # Retention pruned events nobody here has read: no subscriber may go on as if
+                # it had them. (Only a feed that fell a whole retention period behind.)
+                for subscription in self._subscriptions:
+                    subscription.end(_expired(self.head, page.oldest))
+                self._subscriptions.clear()
+                self.head = page.oldest - 1
+                return
+            for subscription in list(self._subscriptions):
+                subscription.offer(page.events, page.reached)
+                if subscription.ended is not None:
+                    self._subscriptions.discard(subscription)
+            self.head = max(self.head, page.reached)
+            if len(page.events) < self.settings.page_size:
+                return
+
+    async def _listen(self) -> None:
+        """LISTENs on its own connection; wakes the reader on every notification, and once
+        the LISTEN is in place (for whatever committed while nobody listened)."""
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(
+                    db.libpq_url(self.database_url),
+                    autocommit=True,
+                    application_name="loyalty-events-listener",
+                )
+                async with conn:
+                    await conn.execute(f"LISTEN {CHANNEL}")
+                    self.listening = True
+                    self._wake.set()
+                    async for _ in conn.notifies():
+                        self._wake.set()
+            except Exception as error:  # reconnect; meanwhile the reader polls
+                log.warning("event notifications lost, reconnecting: %s", error)
+            finally:
+                self.listening = False
+            await asyncio.sleep(self.settings.poll_interval)
+
+
+def _stopping() -> ServerStopping:
+    return ServerStopping("the server is stopping; resume on another replica")
+
+
+def _expired(after: int, oldest: int) -> domain.EventPositionExpired:
+    return domain.EventPositionExpired(
+        f"events after position {after} are no longer retained",
+        position=after,
+        oldestPosition=oldest,
+    )
