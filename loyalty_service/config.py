@@ -32,6 +32,8 @@ class Settings:
     events_buffer: int = 10_000
     # Seconds between reads of the event log when no notification comes.
     events_poll_interval: float = 1.0
+    # Events read from the log at a time (catch-up pages; the feed's reads).
+    events_page_size: int = 500
     log_level: str = "INFO"
     # Print a span per RPC to stdout (OpenTelemetry console exporter).
     trace_console: bool = False
@@ -41,8 +43,8 @@ class Settings:
             raise ValueError("LOYALTY_REQUEST_ID_RETENTION_HOURS must be at least 24 (AIP-155)")
         if self.pool_size < 1:
             raise ValueError("LOYALTY_POOL_SIZE must be at least 1")
-        if self.events_buffer < 1:
-            raise ValueError("LOYALTY_EVENTS_BUFFER must be at least 1")
+        if self.events_buffer < 1 or self.events_page_size < 1:
+            raise ValueError("LOYALTY_EVENTS_BUFFER and _PAGE_SIZE must be at least 1")
         if min(self.events_heartbeat, self.events_poll_interval, self.prune_interval) <= 0:
             raise ValueError("intervals must be positive")
 
@@ -72,6 +74,7 @@ class Settings:
             events_poll_interval=float(
                 env.get("LOYALTY_EVENTS_POLL_INTERVAL", defaults.events_poll_interval)
             ),
+            events_page_size=int(env.get("LOYALTY_EVENTS_PAGE_SIZE", defaults.events_page_size)),
             log_level=env.get("LOYALTY_LOG_LEVEL", defaults.log_level),
             trace_console=env.get("LOYALTY_TRACE_CONSOLE", "") in ("1", "true", "yes"),
         )

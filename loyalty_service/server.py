@@ -55,6 +55,7 @@ class LoyaltyServer:
                 poll_interval=settings.events_poll_interval,
                 buffer_size=settings.events_buffer,
                 heartbeat_interval=settings.events_heartbeat,
+                page_size=settings.events_page_size,
             ),
         )
         self.health = health.aio.HealthServicer()
