@@ -178,8 +178,6 @@ class EventFeed:
             # Catch up from the table until a read reaches the feed's head; then join the
             # feed, which offers only what comes after that.
             while True:
-                if self._closed:
-                    raise _stopping()
                 async with db.connection(self.pool) as conn:
                     page = await store.events_page(
                         conn, where, subscription.reached, settings.page_size
@@ -188,6 +186,8 @@ class EventFeed:
                 subscription.reached = page.reached
                 if page.events:
                     yield Batch(page.events, page.reached)
+                if self._closed:
+                    raise _stopping()
                 if page.reached == page.head and page.reached >= self.head:
                     if not self._subscriptions:
                         self.head = max(self.head, page.reached)

@@ -118,3 +118,25 @@ def test_new_ids():
     ids = {domain.new_id("loy_") for _ in range(1000)}
     assert len(ids) == 1000
     assert all(domain.ACCOUNT_ID.match(i) for i in ids)
+
+
+def test_a_stream_may_start_from_just_before_the_oldest_event_to_the_newest():
+    domain.check_position(4, oldest=5, newest=9)
+    domain.check_position(9, oldest=5, newest=9)
+    domain.check_position(9, oldest=10, newest=9)  # nothing retained
+    with pytest.raises(domain.EventPositionExpired) as expired:
+        domain.check_position(3, oldest=5, newest=9)
+    assert expired.value.metadata == {"position": "3", "oldestPosition": "5"}
+    with pytest.raises(domain.EventPositionAhead):
+        domain.check_position(10, oldest=5, newest=9)
+
+
+def test_event_filters():
+    now = datetime.now(UTC)
+    event = domain.Event("evt_x", domain.EventType.ACCOUNT_CLOSED, now, "prog_a", "loy_a", None)  # type: ignore[arg-type]
+    closed = frozenset({domain.EventType.ACCOUNT_CLOSED})
+    assert domain.EventFilter(closed).matches(event)
+    assert domain.EventFilter(closed, program="prog_a", account="loy_a").matches(event)
+    assert not domain.EventFilter(closed, program="prog_b").matches(event)
+    assert not domain.EventFilter(closed, account="loy_b").matches(event)
+    assert not domain.EventFilter(domain.TRANSACTION_EVENT_TYPES).matches(event)

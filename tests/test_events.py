@@ -7,13 +7,16 @@ import asyncio
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from datetime import timedelta
 
 import grpc
 import psycopg
 import pytest
 
-from loyalty_service import domain, store
-from loyalty_service.ledger import system_clock
+from loyalty_service import convert, db, domain, store
+from loyalty_service.config import Settings
+from loyalty_service.ledger import Ledger, system_clock
 from loyalty_service.pb import (
     accounts_pb2,
     accounts_pb2_grpc,
@@ -22,6 +25,7 @@ from loyalty_service.pb import (
     points_pb2,
     points_pb2_grpc,
 )
+from loyalty_service.server import LoyaltyServer
 from tests.conftest import libpq_url
 from tests.events_support import (
     Stream,
@@ -38,6 +42,7 @@ from tests.support import (
     REDEEM,
     create_account,
     fails,
+    failure,
     post,
 )
 
@@ -296,3 +301,244 @@ def test_heartbeats_carry_the_position_of_an_idle_stream(fresh):
     (event,) = stream.events(1)
     assert event.position == 5 and stream.position == 5
     stream.cancel()
+
+
+def test_a_subscriber_on_one_replica_gets_what_another_writes(fresh):
+    one, two = fresh(), fresh(LOYALTY_EVENTS_POLL_INTERVAL="0.5")
+    account = create_account(one.accounts)
+    stream = transaction_events(two.points, account=account.id)
+    posted = [post(one.points, account.id, EARN, 1).id for _ in range(10)]
+    started = time.monotonic()
+    assert [e.snapshot.id for e in stream.events(10)] == posted
+    assert time.monotonic() - started < 2  # woken by a notification, not a poll
+
+    # Notifications are lost while nobody listens: with every listener cut off, what is
+    # written meanwhile still arrives (the reader polls, and reads once it listens again).
+    with psycopg.connect(libpq_url(one.database_url), autocommit=True) as conn:
+        cut = conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name = 'loyalty-events-listener'"
+        ).fetchall()
+    assert len(cut) == 2
+    posted += [post(one.points, account.id, EARN, 1).id for _ in range(5)]
+    assert [e.snapshot.id for e in stream.events(5)] == posted[10:]
+    assert stream.quiet(0.5) == []
+    stream.cancel()
+
+
+def test_a_slow_subscriber_is_ended_and_slows_nobody_else(fresh):
+    r = fresh(LOYALTY_EVENTS_BUFFER="20")
+    account = create_account(r.accounts)
+    # A subscriber that stops reading, and one that keeps up.
+    slow = r.points.SubscribeTransactionEvents(points_pb2.SubscribeTransactionEventsRequest())
+    start = next(slow)
+    fast = transaction_events(r.points)
+    # Big events, so that gRPC's flow control fills up and stops the slow stream's sends.
+    metadata = {f"k{i}": "x" * 500 for i in range(40)}
+    count = 300
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _: post(r.points, account.id, EARN, 1, metadata=metadata),
+                      range(count)))  # fmt: skip
+    got = fast.events(count)
+    assert [e.position for e in got] == list(range(start.position + 1, start.position + 301))
+    fast.cancel()
+
+    received, position = 0, start.position
+    with pytest.raises(grpc.RpcError) as caught:
+        for response in slow:
+            assert [e.position for e in response.events] == list(
+                range(position + 1, position + 1 + len(response.events))
+            )
+            received += len(response.events)
+            position = response.position
+    error = caught.value
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert failure(error).reason == "SUBSCRIBER_TOO_SLOW"
+    assert received < count
+    # It resumes from the last position it received, and gets the rest exactly once.
+    resumed = transaction_events(r.points, after_position=position)
+    assert len(resumed.events(count - received)) == count - received
+    assert resumed.quiet(0.3) == []
+    resumed.cancel()
+
+
+def test_shutdown_ends_streams_with_unavailable(fresh):
+    r = fresh()
+    streams = [transaction_events(r.points), account_events(r.accounts)]
+    started = time.monotonic()
+    code, output = r.process.stop()
+    for stream in streams:
+        found = stream.error()
+        assert (found.code, found.reason) == (grpc.StatusCode.UNAVAILABLE, "SERVER_STOPPING")
+    assert code == 0, output
+    assert time.monotonic() - started < 4  # streams do not hold the grace period (5 s)
+    assert "Traceback" not in output
+
+
+def test_retention_prunes_old_events_and_an_expired_position_is_out_of_range(fresh):
+    r = fresh()
+    account = create_account(r.accounts)
+    for _ in range(3):
+        post(r.points, account.id, EARN, 1)
+    time.sleep(0.05)
+    cut = system_clock()
+    time.sleep(0.05)
+    post(r.points, account.id, EARN, 1)
+
+    async def prune(now, keep: timedelta) -> int:
+        # The server's own pruning, with its clock moved on.
+        async with db.create_pool(r.database_url, 1) as pool:
+            return await Ledger(pool, clock=lambda: now).prune_events(keep)
+
+    assert asyncio.run(prune(cut + timedelta(days=29), timedelta(days=30))) == 0
+    assert asyncio.run(prune(cut + timedelta(days=30), timedelta(days=30))) == 4
+    assert [event_of(e).position for e in all_events(r.channel)] == [5]
+
+    for after in (0, 3):
+        expired = fails(
+            lambda request: next(r.points.SubscribeTransactionEvents(request)),
+            points_pb2.SubscribeTransactionEventsRequest(after_position=after),
+            OUT_OF_RANGE,
+            "EVENT_POSITION_EXPIRED",
+        )
+        assert expired.metadata == {"position": str(after), "oldestPosition": "5"}
+    fails(
+        r.events.ListEvents,
+        events_pb2.ListEventsRequest(after_position=3),
+        OUT_OF_RANGE,
+        "EVENT_POSITION_EXPIRED",
+    )
+    # Just before the oldest retained event is fine, and so is the oldest.
+    stream = transaction_events(r.points, after_position=4)
+    assert [e.position for e in stream.events(1)] == [5]
+    stream.cancel()
+    stream = transaction_events(r.points, from_oldest=True)
+    assert [e.position for e in stream.events(1)] == [5]
+    stream.cancel()
+
+
+def test_cancelled_and_expired_streams_release_everything(databases):
+    url = databases.create()
+
+    async def run() -> None:
+        settings = Settings(listen_address="127.0.0.1:0", pool_size=3, events_page_size=2)
+        server = LoyaltyServer(settings, url)
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                await exercise(server, channel)
+        finally:
+            await server.stop()
+
+    async def exercise(server: LoyaltyServer, channel: grpc.aio.Channel) -> None:
+        accounts = accounts_pb2_grpc.LoyaltyAccountsStub(channel)
+        points = points_pb2_grpc.PointsLedgerStub(channel)
+        account = await accounts.CreateAccount(
+            accounts_pb2.CreateAccountRequest(program="prog_default")
+        )
+        for _ in range(9):
+            await points.CreatePointsTransaction(
+                points_pb2.CreatePointsTransactionRequest(account=account.id, type=EARN, amount=1)
+            )
+        tasks_before = len(asyncio.all_tasks())
+        subscribe = points.SubscribeTransactionEvents
+        live = [subscribe(points_pb2.SubscribeTransactionEventsRequest()) for _ in range(10)]
+        for call in live:
+            await call.read()
+        catching_up = [
+            subscribe(points_pb2.SubscribeTransactionEventsRequest(from_oldest=True))
+            for _ in range(5)
+        ]
+        for call in catching_up:
+            await call.read()
+            assert len((await call.read()).events) == 2  # a first page of the catch-up
+        assert server.feed.subscriber_count >= 10
+        for call in live + catching_up:
+            call.cancel()
+        expiring = subscribe(points_pb2.SubscribeTransactionEventsRequest(), timeout=0.5)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in expiring:
+                pass
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+        deadline = time.monotonic() + 5
+        while server.feed.subscriber_count or len(asyncio.all_tasks()) > tasks_before:
+            assert time.monotonic() < deadline, (
+                server.feed.subscriber_count,
+                asyncio.all_tasks(),
+            )
+            await asyncio.sleep(0.05)
+        assert server.pool.get_stats()["pool_available"] == 3
+
+    asyncio.run(run())
+
+
+def test_under_concurrent_writers_a_resuming_subscriber_gets_every_event_once(fresh):
+    """Writers hammer two replicas while a subscriber on one of them keeps disconnecting
+    and resuming from its last position: it ends with exactly the log, in order."""
+    one, two = fresh(), fresh()
+    accounts = [create_account(one.accounts) for _ in range(6)]
+    start = transaction_events(two.points).position
+    writers, per_writer = 8, 40
+
+    def write(n: int) -> None:
+        replica = (one, two)[n % 2]
+        for i in range(per_writer):
+            post(replica.points, accounts[(n + i) % len(accounts)].id, EARN, 1 + i % 3)
+
+    received: list = []
+    position = start
+    with ThreadPoolExecutor(writers) as pool:
+        done = [pool.submit(write, n) for n in range(writers)]
+        while len(received) < writers * per_writer:
+            stream = transaction_events(two.points, after_position=position)
+            for _ in range(3):  # a few responses, then drop the connection
+                response = stream.next(timeout=10)
+                received += response.events
+                position = response.position
+                if len(received) >= writers * per_writer:
+                    break
+            stream.cancel()
+        for future in done:
+            future.result()
+
+    assert [e.position for e in received] == list(range(start + 1, position + 1))
+    listed = [event_of(e) for e in all_events(one.channel, after_position=start)]
+    assert [e.id for e in received] == [e.id for e in listed]
+    # Each account's points_after runs up by its amounts, in position order.
+    balances: dict[str, int] = {}
+    for event in received:
+        balances[event.account] = balances.get(event.account, 0) + event.snapshot.amount
+        assert event.snapshot.points_after == balances[event.account]
+    for account in accounts:
+        got = one.accounts.GetAccount(accounts_pb2.GetAccountRequest(id=account.id))
+        assert got.balance == balances[account.id]
+
+
+def test_stream_responses_built_from_encoded_events_are_the_messages():
+    now = system_clock()
+    account = domain.Account(
+        id=domain.new_id("loy_"), program="prog_default", customer="c", balance=5,
+        status=domain.AccountStatus.ACTIVE, lifetime_points=5, tier="", metadata={"a": "b"},
+        create_time=now, update_time=now, version=3,
+    )  # fmt: skip
+    ptx = domain.PointsTransaction(
+        id=domain.new_id("ptx_"), account=account.id, type=domain.TransactionType.EARN,
+        direction=domain.Direction.CREDIT, amount=5, points_after=5, reason="r",
+        origin_kind=domain.OriginKind.MANUAL, origin_id="", metadata={}, create_time=now,
+    )  # fmt: skip
+    created = replace(domain.account_event(domain.EventType.ACCOUNT_CREATED, account), position=1)
+    posted = replace(domain.transaction_event(ptx, account.program), position=300)
+    encoded = convert.EncodedEvents(capacity=1)
+    for _ in range(2):  # the second time from the cache (or after eviction)
+        assert accounts_pb2.SubscribeAccountEventsResponse.FromString(
+            encoded.response([created], 1)
+        ) == accounts_pb2.SubscribeAccountEventsResponse(
+            events=[convert.account_event_pb(created)], position=1
+        )
+        assert points_pb2.SubscribeTransactionEventsResponse.FromString(
+            encoded.response([posted, posted], 2**40)
+        ) == points_pb2.SubscribeTransactionEventsResponse(
+            events=[convert.transaction_event_pb(posted)] * 2, position=2**40
+        )
+    assert encoded.response([], 0) == b""
