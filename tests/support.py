@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import secrets
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import pytest
@@ -24,6 +27,20 @@ CREDIT, DEBIT = PTX.DIRECTION_CREDIT, PTX.DIRECTION_DEBIT
 ACTIVE = accounts_pb2.Account.STATUS_ACTIVE
 CLOSED = accounts_pb2.Account.STATUS_CLOSED
 MERGED = accounts_pb2.Account.STATUS_MERGED
+
+
+GRPCURL = str(Path(sys.executable).parent / "grpcurl")
+
+
+def grpcurl(address: str, *args: str) -> str:
+    result = subprocess.run(
+        [GRPCURL, "-plaintext", *args[:-1], address, args[-1]] if args else [GRPCURL],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
 
 
 def unique(prefix: str = "cust") -> str:

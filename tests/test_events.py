@@ -4,6 +4,8 @@ database, so it can assert the whole log, position by position."""
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -38,11 +40,13 @@ from tests.support import (
     ACTIVE,
     CLOSED,
     EARN,
+    GRPCURL,
     MERGED,
     REDEEM,
     create_account,
     fails,
     failure,
+    grpcurl,
     post,
 )
 
@@ -542,3 +546,30 @@ def test_stream_responses_built_from_encoded_events_are_the_messages():
             events=[convert.transaction_event_pb(posted)] * 2, position=2**40
         )
     assert encoded.response([], 0) == b""
+
+
+def test_grpcurl_can_subscribe_and_list(fresh):
+    r = fresh()
+    account = create_account(r.accounts)
+    run = subprocess.run(
+        [GRPCURL, "-plaintext", "-max-time", "2", "-d", '{"from_oldest": true}',
+         r.process.address, "vinr.loyalty.v1.LoyaltyAccounts/SubscribeAccountEvents"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert "DeadlineExceeded" in run.stderr  # it streams until -max-time ends it
+    decoder, text, responses = json.JSONDecoder(), run.stdout.strip(), []
+    while text:
+        response, end = decoder.raw_decode(text)
+        responses.append(response)
+        text = text[end:].strip()
+    assert responses[0] == {}  # the start: position 0, before the first event
+    (event,) = responses[1]["events"]
+    assert (event["type"], event["position"], event["account"]) == (
+        "loyalty.account.created",
+        "1",
+        account.id,
+    )
+    listed = json.loads(
+        grpcurl(r.process.address, "-d", "{}", "vinr.loyalty.v1.LoyaltyEvents/ListEvents")
+    )
+    assert listed["events"][0]["account_event"]["id"] == event["id"]

@@ -19,22 +19,10 @@ from grpc_health.v1 import health_pb2
 
 from loyalty_service.pb import accounts_pb2, accounts_pb2_grpc, points_pb2, points_pb2_grpc
 from tests.conftest import ROOT, libpq_url
-from tests.support import EARN, failure, funded_account, get, unique
+from tests.support import EARN, GRPCURL, failure, funded_account, get, grpcurl, unique
 
-GRPCURL = str(Path(sys.executable).parent / "grpcurl")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-def grpcurl(address: str, *args: str) -> str:
-    result = subprocess.run(
-        [GRPCURL, "-plaintext", *args[:-1], address, args[-1]] if args else [GRPCURL],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout
 
 
 def test_grpcurl_through_reflection(service):
