@@ -8,6 +8,12 @@ Scenarios (each: warm-up, then a timed window at the same concurrency for both s
   Baseline: pgbench running the same statement on one account.
 - get_account: GetAccount on random accounts. Baseline: the health service's Check, an
   empty RPC on the same server.
+- events: uniform_earn's load with 50 subscribers (--subscribers; SubscribeTransactionEvents,
+  every event) attached. Baseline: the same load without subscribers, on the same server;
+  the two alternate, twice each, and each figure is the mean of its two runs. Its p50_ms and
+  p99_ms are the commit-to-delivery latency of the events (receipt time less the event's
+  create_time, taken just before the commit), and it adds `delivered=<events received in
+  the windows> expected=<subscribers x earns in the windows>`.
 
 Prints `RESULT scenario=... service_ops=... baseline_ops=... ratio=... p50_ms=... p99_ms=...`
 per scenario. Ratios matter, not absolute numbers: the machine is shared.
@@ -47,6 +53,8 @@ PGBENCH = "pgbench"
 EARN = points_pb2.PointsTransaction.TYPE_EARN
 REDEEM = points_pb2.PointsTransaction.TYPE_REDEEM
 HOT_ACCOUNT = "loy_benchhot000000000000"
+EARN_METHOD = "/vinr.loyalty.v1.PointsLedger/CreatePointsTransaction"
+SUBSCRIBE_METHOD = "/vinr.loyalty.v1.PointsLedger/SubscribeTransactionEvents"
 
 
 def account_id(n: int) -> str:
@@ -72,10 +80,22 @@ def cpu_seconds(pid: int) -> float:
 
 
 @dataclass(frozen=True)
+class Delivery:
+    """What the subscribers received inside the window: events, and their latency from
+    create_time (just before the commit) to receipt."""
+
+    events: int
+    p50_ms: float
+    p99_ms: float
+
+
+@dataclass(frozen=True)
 class Load:
     ops: float
     p50_ms: float
     p99_ms: float
+    calls: int
+    delivery: Delivery | None = None
 
 
 def write_requests(path: Path, requests: Iterable[bytes]) -> Path:
@@ -93,19 +113,29 @@ def drive(
     server_pid: int,
     *,
     cycle: bool = False,
+    subscribers: int = 0,
 ) -> Load:
     """Runs the load generator for one timed window; prints the CPU each side spent per call.
 
-    Every call in the window must succeed: a failed call would make the figures lie.
+    Every call in the window must succeed: a failed call would make the figures lie. So must
+    every subscriber's stream, if there are any (attached before the warm-up begins).
     """
     command = [
         str(LOADGEN), "--target", address, "--method", method, "--requests", str(requests),
         "--concurrency", str(args.concurrency), "--channels", str(args.channels),
         "--warmup", str(args.warmup), "--seconds", str(args.seconds), *(["--cycle"] * cycle),
     ]  # fmt: skip
+    if subscribers:
+        command += ["--subscribers", str(subscribers), "--subscribe-method", SUBSCRIBE_METHOD]
     if not LOADGEN.exists():
         raise SystemExit(f"{LOADGEN} is missing: run `make bench`, which builds it")
     loadgen = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    if subscribers:
+        # The warm-up starts once every subscriber is attached: the clock starts then too.
+        assert loadgen.stdout is not None
+        if not loadgen.stdout.readline().startswith("subscribed="):
+            output, _ = loadgen.communicate()
+            raise RuntimeError(f"load generator failed ({loadgen.returncode}): {output}")
     time.sleep(args.warmup)
     before = cpu_seconds(server_pid), cpu_seconds(loadgen.pid)
     time.sleep(args.seconds)
@@ -115,7 +145,10 @@ def drive(
         raise RuntimeError(f"load generator failed ({loadgen.returncode}): {output}")
     found = re.search(
         r"ops=(?P<ops>\S+) p50_ms=(?P<p50>\S+) p99_ms=(?P<p99>\S+) calls=(?P<calls>\d+)"
-        r" errors=(?P<errors>\d+) first_error=(?P<first_error>.*)",
+        r" errors=(?P<errors>\d+)"
+        r"(?: delivered=(?P<delivered>\d+) delivery_p50_ms=(?P<d50>\S+)"
+        r" delivery_p99_ms=(?P<d99>\S+) stream_errors=(?P<stream_errors>\d+))?"
+        r" first_error=(?P<first_error>.*)",
         output,
     )
     assert found is not None, output
@@ -125,14 +158,21 @@ def drive(
         raise RuntimeError(
             f"{method}: {found['errors']} calls failed, first: {found['first_error']}"
         )
+    delivery = None
+    if subscribers:
+        assert found["delivered"] is not None, output
+        if found["stream_errors"] != "0":
+            # The load generator printed the first one on stderr.
+            raise RuntimeError(f"{found['stream_errors']} subscriber streams failed")
+        delivery = Delivery(int(found["delivered"]), float(found["d50"]), float(found["d99"]))
     calls = max(int(found["calls"]), 1)
-    name = method.rsplit("/", 1)[1]
+    name = method.rsplit("/", 1)[1] + (f" with {subscribers} subscribers" if subscribers else "")
     print(
         f"CPU {name}: server {server / calls * 1e6:.0f} us/call,"
         f" load generator {client / calls * 1e6:.0f} us/call",
         flush=True,
     )
-    return Load(float(found["ops"]), float(found["p50"]), float(found["p99"]))
+    return Load(float(found["ops"]), float(found["p50"]), float(found["p99"]), calls, delivery)
 
 
 # ---------------------------------------------------------------------------------------
@@ -158,6 +198,7 @@ PGBENCH_PARAMS = {
     # as a bound parameter has (a volatile function would be evaluated once per use).
     "key": "'CreatePointsTransaction#' || :k::text",
     "fingerprint": "md5(:k::text)",
+    "event_id": "'evt_' || substr(md5('evt' || :k::text), 1, 20)",
 }
 HOT_PARAMS = {
     **PGBENCH_PARAMS,
@@ -213,9 +254,9 @@ def seed(url: str, accounts: int) -> None:
         conn.execute(
             """
             INSERT INTO accounts (id, program_id, customer, status, balance, lifetime_points,
-                                  tier, metadata, create_time, update_time)
+                                  tier, metadata, create_time, update_time, version)
             SELECT 'loy_bench' || lpad(n::text, 15, '0'), 'prog_default', 'cust_bench_' || n,
-                   'ACTIVE', 0, 0, '', '{}', now(), now()
+                   'ACTIVE', 0, 0, '', '{}', now(), now(), 1
             FROM generate_series(1, %(accounts)s) AS n
             """,
             {"accounts": accounts},
@@ -223,8 +264,8 @@ def seed(url: str, accounts: int) -> None:
         conn.execute(
             """
             INSERT INTO accounts (id, program_id, status, balance, lifetime_points, tier,
-                                  metadata, create_time, update_time)
-            VALUES (%(id)s, 'prog_default', 'ACTIVE', 0, 0, '', '{}', now(), now())
+                                  metadata, create_time, update_time, version)
+            VALUES (%(id)s, 'prog_default', 'ACTIVE', 0, 0, '', '{}', now(), now(), 1)
             """,
             {"id": HOT_ACCOUNT},
         )
@@ -275,6 +316,51 @@ def report(name: str, service: Load, baseline_ops: float) -> None:
     )
 
 
+def events(address: str, server_pid: int, args: argparse.Namespace, files: list[Path]) -> None:
+    """The uniform earn load without subscribers and with, alternating (the machine is
+    noisy): one run per request file, each file's request ids fresh (a replayed request_id
+    posts nothing, so publishes nothing)."""
+    without: list[Load] = []
+    with_: list[Load] = []
+    for i, requests in enumerate(files):
+        subscribers = args.subscribers if i % 2 else 0
+        load = drive(address, EARN_METHOD, requests, args, server_pid, subscribers=subscribers)
+        (with_ if subscribers else without).append(load)
+        if load.delivery is not None:
+            print(
+                f"events run {i // 2 + 1}: {load.ops:.0f} ops/s with subscribers,"
+                f" {without[-1].ops:.0f} without; delivery p50 {load.delivery.p50_ms:.2f} ms,"
+                f" p99 {load.delivery.p99_ms:.2f} ms; delivered {load.delivery.events}"
+                f" of {args.subscribers} x {load.calls}",
+                flush=True,
+            )
+
+    def mean(values: Iterable[float]) -> float:
+        values = list(values)
+        return sum(values) / len(values)
+
+    service_ops = mean(load.ops for load in with_)
+    baseline_ops = mean(load.ops for load in without)
+    deliveries = [load.delivery for load in with_ if load.delivery is not None]
+    delivered = sum(delivery.events for delivery in deliveries)
+    expected = args.subscribers * sum(load.calls for load in with_)
+    print(
+        f"RESULT scenario=events service_ops={service_ops:.0f} baseline_ops={baseline_ops:.0f}"
+        f" ratio={service_ops / baseline_ops:.2f}"
+        f" p50_ms={mean(delivery.p50_ms for delivery in deliveries):.2f}"
+        f" p99_ms={mean(delivery.p99_ms for delivery in deliveries):.2f}"
+        f" delivered={delivered} expected={expected}",
+        flush=True,
+    )
+    # Only the window's edges differ: earns that ended after it, events received after it.
+    if abs(delivered - expected) > 0.02 * expected:
+        print(
+            f"NOTE events: delivered {delivered} events, not about {expected}"
+            f" ({args.subscribers} subscribers x the earns in the windows)",
+            flush=True,
+        )
+
+
 def earn_requests(run: str, count: int, pick: Callable[[int], tuple[str, int]]) -> Iterator[bytes]:
     """`count` serialized earns (or redeems), each with a request_id of its own."""
     for i in range(count):
@@ -318,14 +404,26 @@ def benchmark(url: str, args: argparse.Namespace, tmp: Path) -> None:
             ),
         )
         empty = write_requests(tmp / "empty.bin", [b""])
+        # The events scenario's runs, each with request ids of its own: without subscribers,
+        # with, without, with.
+        event_runs = [
+            write_requests(
+                tmp / f"events{i}.bin",
+                earn_requests(
+                    f"{run}-e{i}",
+                    count,
+                    lambda _: (account_id(random.randint(1, args.accounts)), EARN),
+                ),
+            )
+            for i in range(4 if not args.only or "events" in args.only else 0)
+        ]
 
         unique = "\\set k random(1, 9000000000000000000)\n\\set amount random(1, 10)"
         uniform_header = f"{unique}\n\\set n random(1, {args.accounts})"
         hot_header = f"{unique}\n\\set up random(0, 1)"
-        earn_method = "/vinr.loyalty.v1.PointsLedger/CreatePointsTransaction"
         scenarios = [
-            ("uniform_earn", earn_method, uniform, pgbench_script(PGBENCH_PARAMS, uniform_header)),
-            ("hot_account", earn_method, hot, pgbench_script(HOT_PARAMS, hot_header)),
+            ("uniform_earn", EARN_METHOD, uniform, pgbench_script(PGBENCH_PARAMS, uniform_header)),
+            ("hot_account", EARN_METHOD, hot, pgbench_script(HOT_PARAMS, hot_header)),
             ("get_account", "/vinr.loyalty.v1.LoyaltyAccounts/GetAccount", reads, None),
         ]
         if args.show_sql:
@@ -343,6 +441,8 @@ def benchmark(url: str, args: argparse.Namespace, tmp: Path) -> None:
             else:
                 baseline_ops = run_pgbench(url, script, args.concurrency, args.warmup, args.seconds)
             report(name, load, baseline_ops)
+        if event_runs:
+            events(server.address, pid, args, event_runs)
         violations = asyncio.run(_violations(url))
         print(f"ledger invariants after the run: {len(violations)} violations", flush=True)
         for line in violations[:20]:
@@ -373,6 +473,7 @@ def main() -> None:
     parser.add_argument("--pool-size", type=int, default=10)
     parser.add_argument("--channels", type=int, default=4)
     parser.add_argument("--accounts", type=int, default=10_000)
+    parser.add_argument("--subscribers", type=int, default=50, help="for the events scenario")
     parser.add_argument("--only", nargs="*", help="scenario names to run")
     parser.add_argument("--show-sql", action="store_true", help="print the pgbench script")
     args = parser.parse_args()
