@@ -8,7 +8,7 @@ from typing import TypeVar
 import grpc
 
 from . import convert, domain
-from .convert import EncodedEvents, PageTokens, Violations
+from .convert import PageTokens, Violations
 from .domain import EventFilter, Page
 from .errors import translated, translated_stream
 from .events import EventFeed
@@ -28,13 +28,10 @@ F = TypeVar("F")
 
 
 class LoyaltyAccounts(accounts_pb2_grpc.LoyaltyAccountsServicer):
-    def __init__(
-        self, ledger: Ledger, tokens: PageTokens, feed: EventFeed, encoded: EncodedEvents
-    ) -> None:
+    def __init__(self, ledger: Ledger, tokens: PageTokens, feed: EventFeed) -> None:
         self.ledger = ledger
         self.tokens = tokens
         self.feed = feed
-        self.encoded = encoded
 
     @translated
     async def CreateAccount(
@@ -138,18 +135,15 @@ class LoyaltyAccounts(accounts_pb2_grpc.LoyaltyAccountsServicer):
             v, request.program, request.account, request.types, domain.ACCOUNT_EVENT_TYPES
         )
         v.raise_if_any()
-        async for response in _subscribe(self.feed, self.encoded, request, where):
+        async for response in _subscribe(self.feed, request, where):
             yield response
 
 
 class PointsLedger(points_pb2_grpc.PointsLedgerServicer):
-    def __init__(
-        self, ledger: Ledger, tokens: PageTokens, feed: EventFeed, encoded: EncodedEvents
-    ) -> None:
+    def __init__(self, ledger: Ledger, tokens: PageTokens, feed: EventFeed) -> None:
         self.ledger = ledger
         self.tokens = tokens
         self.feed = feed
-        self.encoded = encoded
 
     @translated
     async def CreatePointsTransaction(
@@ -204,7 +198,7 @@ class PointsLedger(points_pb2_grpc.PointsLedgerServicer):
             v, request.program, request.account, request.types, domain.TRANSACTION_EVENT_TYPES
         )
         v.raise_if_any()
-        async for response in _subscribe(self.feed, self.encoded, request, where):
+        async for response in _subscribe(self.feed, request, where):
             yield response
 
 
@@ -243,7 +237,6 @@ class LoyaltyEvents(events_pb2_grpc.LoyaltyEventsServicer):
 
 async def _subscribe(
     feed: EventFeed,
-    encoded: EncodedEvents,
     request: accounts_pb2.SubscribeAccountEventsRequest
     | points_pb2.SubscribeTransactionEventsRequest,
     where: EventFilter,
@@ -255,9 +248,9 @@ async def _subscribe(
     )
     # The first response comes at once and carries the start position: from then on, the
     # subscriber misses nothing.
-    yield encoded.response([], after)
+    yield convert.stream_response([], after)
     async for batch in feed.subscribe(where, after):
-        yield encoded.response(batch.events, batch.position)
+        yield convert.stream_response(batch.parts, batch.position)
 
 
 async def _page(

@@ -32,6 +32,9 @@ class Settings:
     events_buffer: int = 10_000
     # Seconds between reads of the event log when no notification comes.
     events_poll_interval: float = 1.0
+    # Seconds the event reader waits after each read: under load, fewer and fuller responses
+    # (each streamed message costs the server ~0.1 ms of CPU) for a little more latency.
+    events_read_interval: float = 0.05
     # Events read from the log at a time (catch-up pages; the feed's reads).
     events_page_size: int = 500
     log_level: str = "INFO"
@@ -73,6 +76,9 @@ class Settings:
             events_buffer=int(env.get("LOYALTY_EVENTS_BUFFER", defaults.events_buffer)),
             events_poll_interval=float(
                 env.get("LOYALTY_EVENTS_POLL_INTERVAL", defaults.events_poll_interval)
+            ),
+            events_read_interval=float(
+                env.get("LOYALTY_EVENTS_READ_INTERVAL", defaults.events_read_interval)
             ),
             events_page_size=int(env.get("LOYALTY_EVENTS_PAGE_SIZE", defaults.events_page_size)),
             log_level=env.get("LOYALTY_LOG_LEVEL", defaults.log_level),

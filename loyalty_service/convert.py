@@ -294,24 +294,22 @@ def event_pb(event: Event) -> events_pb2.Event:
     return events_pb2.Event(transaction_event=transaction_event_pb(event))
 
 
-class EncodedEvents:
-    """Stream responses (SubscribeAccountEventsResponse, SubscribeTransactionEventsResponse)
-    as bytes, built from events encoded once each.
+class EventEncoder:
+    """Events as the `events` field of a stream response, encoded once each.
 
-    A new event goes to every subscriber that wants it; encoding it once and joining the
-    bytes makes a response's cost per subscriber a copy. Both responses are `repeated
-    <event> events = 1; int64 position = 2;`, which is all this writes.
+    SubscribeAccountEventsResponse and SubscribeTransactionEventsResponse are both
+    `repeated <event> events = 1; int64 position = 2;`, so a response is the concatenation
+    of its events' encoded fields and of its position's (stream_response). An event goes to
+    every subscriber that wants it: encoding it once makes each further subscriber's share a
+    copy of bytes.
     """
 
     def __init__(self, capacity: int = 50_000) -> None:
         self._capacity = capacity
         self._fields: OrderedDict[int, bytes] = OrderedDict()  # by position
 
-    def response(self, events: list[Event], position: int) -> bytes:
-        parts = [self._field(event) for event in events]
-        if position:
-            parts.append(b"\x10" + _varint(position))
-        return b"".join(parts)
+    def events_field(self, events: list[Event]) -> bytes:
+        return b"".join(self._field(event) for event in events)
 
     def _field(self, event: Event) -> bytes:
         encoded = self._fields.get(event.position)
@@ -325,6 +323,13 @@ class EncodedEvents:
             if len(self._fields) > self._capacity:
                 self._fields.popitem(last=False)
         return encoded
+
+
+def stream_response(events_fields: list[bytes], position: int) -> bytes:
+    """A stream response's bytes: its events (EventEncoder.events_field) and position."""
+    if position:
+        return b"".join([*events_fields, b"\x10", _varint(position)])  # field 2, varint
+    return b"".join(events_fields)
 
 
 def _varint(value: int) -> bytes:

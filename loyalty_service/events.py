@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import psycopg
@@ -48,11 +48,16 @@ class FeedSettings:
     heartbeat_interval: float = 15.0
 
 
+Encode = Callable[[list[Event]], bytes]
+
+
 @dataclass(frozen=True)
 class Batch:
-    """What a stream sends in one response: events, and the position reached with them."""
+    """What a stream sends in one response: its events, encoded (`parts`, to be joined; see
+    convert.EventEncoder), their number, and the position reached with them."""
 
-    events: list[Event]
+    parts: list[bytes]
+    count: int
     position: int
 
 
@@ -69,13 +74,15 @@ class Subscription:
         self._waiting_events = 0
         self._ready = asyncio.Event()
 
-    def offer(self, events: list[Event], reached: int) -> None:
-        """Takes what it matches of events the feed read up to `reached`; never blocks."""
+    def offer(self, encoded: bytes, count: int, reached: int) -> None:
+        """Takes the `count` events it wants (encoded) of what the feed read up to
+        `reached`; never blocks."""
         if self.ended is not None:
             return
-        matching = [e for e in events if e.position > self.reached and self.where.matches(e)]
-        if matching:
-            if self._waiting_events + len(matching) > self._buffer_size:
+        if count:
+            # A read may bring more than the buffer holds; a subscriber that has sent what
+            # came before is keeping up all the same.
+            if self._waiting_events and self._waiting_events + count > self._buffer_size:
                 self.end(
                     SubscriberTooSlow(
                         f"the subscriber fell more than {self._buffer_size} events behind;"
@@ -84,8 +91,8 @@ class Subscription:
                     )
                 )
                 return
-            self._waiting.append(Batch(matching, max(reached, self.reached)))
-            self._waiting_events += len(matching)
+            self._waiting.append(Batch([encoded], count, max(reached, self.reached)))
+            self._waiting_events += count
             self._ready.set()
         self.reached = max(self.reached, reached)
 
@@ -106,27 +113,33 @@ class Subscription:
             raise self.ended
         if not self._waiting:
             self._ready.clear()
-            return Batch([], self.reached)
-        events: list[Event] = []
-        position = self.reached
-        while self._waiting and len(events) < max_events:
+            return Batch([], 0, self.reached)
+        parts: list[bytes] = []
+        count, position = 0, self.reached
+        while self._waiting and count < max_events:
             batch = self._waiting.popleft()
-            events += batch.events
+            parts += batch.parts
+            count += batch.count
             position = batch.position
-        self._waiting_events -= len(events)
+        self._waiting_events -= count
         if not self._waiting:
             self._ready.clear()
             position = self.reached
-        return Batch(events, position)
+        return Batch(parts, count, position)
 
 
 class EventFeed:
     def __init__(
-        self, pool: AsyncConnectionPool, database_url: str, settings: FeedSettings
+        self,
+        pool: AsyncConnectionPool,
+        database_url: str,
+        settings: FeedSettings,
+        encode: Encode,
     ) -> None:
         self.pool = pool
         self.database_url = database_url
         self.settings = settings
+        self.encode = encode
         # Every event up to here has been offered to every subscription in the feed.
         self.head = 0
         self.listening = False
@@ -185,7 +198,7 @@ class EventFeed:
                 domain.check_position(subscription.reached, page.oldest, page.head)
                 subscription.reached = page.reached
                 if page.events:
-                    yield Batch(page.events, page.reached)
+                    yield Batch([self.encode(page.events)], len(page.events), page.reached)
                 if self._closed:
                     raise _stopping()
                 if page.reached == page.head and page.reached >= self.head:
@@ -229,13 +242,32 @@ class EventFeed:
                 self._subscriptions.clear()
                 self.head = page.oldest - 1
                 return
-            for subscription in list(self._subscriptions):
-                subscription.offer(page.events, page.reached)
-                if subscription.ended is not None:
-                    self._subscriptions.discard(subscription)
+            self._offer(page.events, page.reached)
             self.head = max(self.head, page.reached)
             if len(page.events) < self.settings.page_size:
                 return
+
+    def _offer(self, events: list[Event], reached: int) -> None:
+        """Offers each subscription what it wants of `events`. Subscriptions with the same
+        filters (typically many) share one list and one encoding, so the cost of each one
+        more subscriber is a queue entry, not a pass over the events."""
+        shared: dict[EventFilter, tuple[bytes, int]] = {}
+        first = events[0].position if events else reached + 1
+        for subscription in list(self._subscriptions):
+            if subscription.reached < first:  # as nearly always: it wants all it matches
+                if subscription.where not in shared:
+                    shared[subscription.where] = self._matching(subscription.where, events)
+                encoded, count = shared[subscription.where]
+            else:  # joined after the read began: only what comes after its position
+                later = [e for e in events if e.position > subscription.reached]
+                encoded, count = self._matching(subscription.where, later)
+            subscription.offer(encoded, count, reached)
+            if subscription.ended is not None:
+                self._subscriptions.discard(subscription)
+
+    def _matching(self, where: EventFilter, events: list[Event]) -> tuple[bytes, int]:
+        matching = [e for e in events if where.matches(e)]
+        return (self.encode(matching) if matching else b""), len(matching)
 
     async def _listen(self) -> None:
         """LISTENs on its own connection; wakes the reader on every notification, and once

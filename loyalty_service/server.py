@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from . import db, store, telemetry
 from .api import LoyaltyAccounts, LoyaltyEvents, PointsLedger
 from .config import Settings
-from .convert import EncodedEvents, PageTokens
+from .convert import EventEncoder, PageTokens
 from .events import EventFeed, FeedSettings
 from .ledger import Ledger
 from .pb import (
@@ -56,7 +56,9 @@ class LoyaltyServer:
                 buffer_size=settings.events_buffer,
                 heartbeat_interval=settings.events_heartbeat,
                 page_size=settings.events_page_size,
+                read_interval=settings.events_read_interval,
             ),
+            EventEncoder().events_field,
         )
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(interceptors=telemetry.interceptors(settings))
@@ -67,15 +69,14 @@ class LoyaltyServer:
         await self.pool.open(wait=True)
         async with self.pool.connection() as conn:
             tokens = PageTokens(await store.page_token_key(conn))
-        encoded = EncodedEvents()
         _add_servicer(
             accounts_pb2_grpc.add_LoyaltyAccountsServicer_to_server,
-            LoyaltyAccounts(self.ledger, tokens, self.feed, encoded),
+            LoyaltyAccounts(self.ledger, tokens, self.feed),
             self.server,
         )
         _add_servicer(
             points_pb2_grpc.add_PointsLedgerServicer_to_server,
-            PointsLedger(self.ledger, tokens, self.feed, encoded),
+            PointsLedger(self.ledger, tokens, self.feed),
             self.server,
         )
         events_pb2_grpc.add_LoyaltyEventsServicer_to_server(

@@ -533,19 +533,23 @@ def test_stream_responses_built_from_encoded_events_are_the_messages():
     )  # fmt: skip
     created = replace(domain.account_event(domain.EventType.ACCOUNT_CREATED, account), position=1)
     posted = replace(domain.transaction_event(ptx, account.program), position=300)
-    encoded = convert.EncodedEvents(capacity=1)
+    encoder = convert.EventEncoder(capacity=1)
+
+    def response(events: list, position: int) -> bytes:
+        return convert.stream_response([encoder.events_field(events)], position)
+
     for _ in range(2):  # the second time from the cache (or after eviction)
         assert accounts_pb2.SubscribeAccountEventsResponse.FromString(
-            encoded.response([created], 1)
+            response([created], 1)
         ) == accounts_pb2.SubscribeAccountEventsResponse(
             events=[convert.account_event_pb(created)], position=1
         )
         assert points_pb2.SubscribeTransactionEventsResponse.FromString(
-            encoded.response([posted, posted], 2**40)
+            response([posted, posted], 2**40)
         ) == points_pb2.SubscribeTransactionEventsResponse(
             events=[convert.transaction_event_pb(posted)] * 2, position=2**40
         )
-    assert encoded.response([], 0) == b""
+    assert convert.stream_response([], 0) == b""
 
 
 def test_grpcurl_can_subscribe_and_list(fresh):
