@@ -322,6 +322,7 @@ def test_a_subscriber_on_one_replica_gets_what_another_writes(fresh):
         cut = conn.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
             " WHERE application_name = 'loyalty-events-listener'"
+            " AND datname = current_database()"
         ).fetchall()
     assert len(cut) == 2
     posted += [post(one.points, account.id, EARN, 1).id for _ in range(5)]
