@@ -9,7 +9,7 @@ import grpc
 
 from . import convert, domain
 from .convert import PageTokens, Violations
-from .domain import EventFilter, Page
+from .domain import EventFilter, FieldViolation, InvalidArgument, Page
 from .errors import translated, translated_stream
 from .events import EventFeed
 from .ledger import AccountChanges, Ledger
@@ -23,6 +23,9 @@ from .pb import (
 )
 
 Context = grpc.aio.ServicerContext
+# Bytes of events in one ListEvents response: well under gRPC's default 4 MiB message limit
+# on the client, as events may be large (metadata).
+MAX_RESPONSE_BYTES = 1 << 20
 T = TypeVar("T")
 F = TypeVar("F")
 
@@ -227,11 +230,23 @@ class LoyaltyEvents(events_pb2_grpc.LoyaltyEventsServicer):
         page = await self.ledger.list_events(
             where, request.after_position if after is None else after, limit, check=check
         )
-        full = len(page.events) == limit
+        events, size = [], 0
+        for event in page.events:
+            message = convert.event_pb(event)
+            size += message.ByteSize()
+            if events and size > MAX_RESPONSE_BYTES:
+                break  # the next page starts with it
+            events.append(message)
+        full = len(events) == limit or len(events) < len(page.events)
+        reached = (
+            page.reached
+            if len(events) == len(page.events)
+            else page.events[len(events) - 1].position
+        )
         return events_pb2.ListEventsResponse(
-            events=[convert.event_pb(e) for e in page.events],
-            next_page_token=self.tokens.encode(page.reached if full else None, query),
-            position=page.reached,
+            events=events,
+            next_page_token=self.tokens.encode(reached if full else None, query),
+            position=reached,
         )
 
 
@@ -242,9 +257,12 @@ async def _subscribe(
     where: EventFilter,
 ) -> AsyncIterator[bytes]:
     start = request.WhichOneof("start")
+    if start == "after_position" and request.after_position < 0:
+        raise InvalidArgument([FieldViolation("after_position", "must not be negative")])
     after = await feed.start_position(
         request.after_position if start == "after_position" else None,
-        from_oldest=start == "from_oldest",
+        # An explicit `from_oldest: false` selects the oneof field too: it means from now.
+        from_oldest=start == "from_oldest" and request.from_oldest,
     )
     # The first response comes at once and carries the start position: from then on, the
     # subscriber misses nothing.

@@ -304,12 +304,13 @@ class EventEncoder:
     copy of bytes.
     """
 
-    def __init__(self, capacity: int = 50_000) -> None:
-        self._capacity = capacity
+    def __init__(self, capacity_bytes: int = 64 << 20) -> None:
+        self._capacity = capacity_bytes
+        self._size = 0
         self._fields: OrderedDict[int, bytes] = OrderedDict()  # by position
 
-    def events_field(self, events: list[Event]) -> bytes:
-        return b"".join(self._field(event) for event in events)
+    def events_fields(self, events: list[Event]) -> list[bytes]:
+        return [self._field(event) for event in events]
 
     def _field(self, event: Event) -> bytes:
         encoded = self._fields.get(event.position)
@@ -320,13 +321,14 @@ class EventEncoder:
                 payload = transaction_event_pb(event).SerializeToString()
             encoded = b"\x0a" + _varint(len(payload)) + payload  # field 1, length-delimited
             self._fields[event.position] = encoded
-            if len(self._fields) > self._capacity:
-                self._fields.popitem(last=False)
+            self._size += len(encoded)
+            while self._size > self._capacity:
+                self._size -= len(self._fields.popitem(last=False)[1])
         return encoded
 
 
 def stream_response(events_fields: list[bytes], position: int) -> bytes:
-    """A stream response's bytes: its events (EventEncoder.events_field) and position."""
+    """A stream response's bytes: its events (EventEncoder.events_fields) and position."""
     if position:
         return b"".join([*events_fields, b"\x10", _varint(position)])  # field 2, varint
     return b"".join(events_fields)

@@ -139,7 +139,9 @@ events = sa.Table(
     sa.Column("transaction_id", sa.Text),
     # Account events: the account as of the change.
     sa.Column("snapshot", JSONB),
+    # For filtered catch-up reads: a filter that matches few events still reads few rows.
     sa.Index("ix_events_account_id_position", "account_id", "position"),
+    sa.Index("ix_events_program_id_position", "program_id", "position"),
 )
 
 event_log_head = sa.Table(

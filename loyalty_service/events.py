@@ -42,90 +42,137 @@ class FeedSettings:
     read_interval: float = 0.02
     # Events per read, and per catch-up page.
     page_size: int = 500
-    # Events a subscription may have waiting to be sent before it is ended as too slow.
+    # Events (and bytes) a subscription may have waiting to be sent before it is ended as
+    # too slow: they bound the memory one costs.
     buffer_size: int = 10_000
+    buffer_bytes: int = 32 << 20
+    # Bytes of events in one response: well under gRPC's default 4 MiB message limit on
+    # the client (an event is at most about 110 KB).
+    max_response_bytes: int = 1 << 20
     # Seconds without anything to send after which a stream sends a heartbeat.
     heartbeat_interval: float = 15.0
 
 
-Encode = Callable[[list[Event]], bytes]
+# Encodes events for a stream response: one encoded `events` field per event.
+Encode = Callable[[list[Event]], list[bytes]]
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Events a stream wants, encoded one by one, with their positions."""
+
+    positions: list[int]
+    fields: list[bytes]
+    size: int  # bytes
+
+    @classmethod
+    def of(cls, events: list[Event], encode: Encode) -> Encoded:
+        fields = encode(events) if events else []
+        return cls([e.position for e in events], fields, sum(map(len, fields)))
+
+
+NOTHING = Encoded([], [], 0)
 
 
 @dataclass(frozen=True)
 class Batch:
-    """What a stream sends in one response: its events, encoded (`parts`, to be joined; see
-    convert.EventEncoder), their number, and the position reached with them."""
+    """What a stream sends in one response: encoded events (`parts`, to be joined) and the
+    position reached with them, the position to resume after."""
 
     parts: list[bytes]
-    count: int
     position: int
 
 
 class Subscription:
     """One stream's place in the feed: what it wants, and what waits to be sent to it."""
 
-    def __init__(self, where: EventFilter, reached: int, buffer_size: int) -> None:
+    def __init__(self, where: EventFilter, reached: int, settings: FeedSettings) -> None:
         self.where = where
         # Every matching event up to here is waiting in the buffer or was sent.
         self.reached = reached
         self.ended: LedgerError | None = None
-        self._buffer_size = buffer_size
-        self._waiting: deque[Batch] = deque()
+        self._settings = settings
+        # What waits: events read up to a position, and how many of them were sent already.
+        self._waiting: deque[tuple[Encoded, int, int]] = deque()
         self._waiting_events = 0
+        self._waiting_bytes = 0
         self._ready = asyncio.Event()
 
-    def offer(self, encoded: bytes, count: int, reached: int) -> None:
-        """Takes the `count` events it wants (encoded) of what the feed read up to
-        `reached`; never blocks."""
+    def offer(self, encoded: Encoded, reached: int) -> None:
+        """Takes the events it wants (encoded) of what the feed read up to `reached`; never
+        blocks. One that already has events waiting and would go over its buffer is ended."""
         if self.ended is not None:
             return
-        if count:
+        if encoded.fields:
+            settings = self._settings
             # A read may bring more than the buffer holds; a subscriber that has sent what
             # came before is keeping up all the same.
-            if self._waiting_events and self._waiting_events + count > self._buffer_size:
+            if self._waiting_events and (
+                self._waiting_events + len(encoded.fields) > settings.buffer_size
+                or self._waiting_bytes + encoded.size > settings.buffer_bytes
+            ):
                 self.end(
                     SubscriberTooSlow(
-                        f"the subscriber fell more than {self._buffer_size} events behind;"
-                        f" resume after the last position received",
-                        bufferSize=self._buffer_size,
+                        f"the subscriber fell more than {settings.buffer_size} events (or"
+                        f" {settings.buffer_bytes} bytes) behind; resume after the last"
+                        " position received",
+                        bufferSize=settings.buffer_size,
                     )
                 )
                 return
-            self._waiting.append(Batch([encoded], count, max(reached, self.reached)))
-            self._waiting_events += count
+            self._waiting.append((encoded, 0, max(reached, self.reached)))
+            self._waiting_events += len(encoded.fields)
+            self._waiting_bytes += encoded.size
             self._ready.set()
         self.reached = max(self.reached, reached)
 
     def end(self, error: LedgerError) -> None:
         self.ended = error
         self._waiting.clear()
-        self._waiting_events = 0
+        self._waiting_events = self._waiting_bytes = 0
         self._ready.set()
 
-    async def next(self, heartbeat_interval: float, max_events: int) -> Batch:
-        """What waits to be sent (up to about max_events), or after heartbeat_interval
-        seconds with nothing, an empty batch at the position reached: a heartbeat."""
+    @property
+    def has_waiting(self) -> bool:
+        return bool(self._waiting)
+
+    async def next(self, heartbeat_interval: float) -> Batch:
+        """What waits to be sent, or after heartbeat_interval seconds with nothing, an empty
+        batch at the position reached: a heartbeat."""
         if not self._waiting and self.ended is None:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(heartbeat_interval):
                     await self._ready.wait()
         if self.ended is not None:
             raise self.ended
-        if not self._waiting:
-            self._ready.clear()
-            return Batch([], 0, self.reached)
+        return self.take()
+
+    def take(self) -> Batch:
+        """As much of what waits as one response may hold (at least one event)."""
+        limit = self._settings.max_response_bytes
         parts: list[bytes] = []
-        count, position = 0, self.reached
-        while self._waiting and count < max_events:
-            batch = self._waiting.popleft()
-            parts += batch.parts
-            count += batch.count
-            position = batch.position
-        self._waiting_events -= count
+        size, position = 0, self.reached
+        while self._waiting and size < limit:
+            encoded, sent, reached = self._waiting[0]
+            end = sent
+            while end < len(encoded.fields) and (
+                not parts or size + len(encoded.fields[end]) <= limit
+            ):
+                parts.append(encoded.fields[end])
+                size += len(encoded.fields[end])
+                end += 1
+            if end < len(encoded.fields):  # the response is full inside this read
+                self._waiting[0] = (encoded, end, reached)
+                position = encoded.positions[end - 1]
+                break
+            self._waiting.popleft()
+            position = reached
+        self._waiting_events -= len(parts)
+        self._waiting_bytes -= size
         if not self._waiting:
             self._ready.clear()
             position = self.reached
-        return Batch(parts, count, position)
+        return Batch(parts, position)
 
 
 class EventFeed:
@@ -186,19 +233,18 @@ class EventFeed:
         """Every event matching `where` after position `after`, in order, and then each new
         one as it commits; a heartbeat when there is nothing to send for a while."""
         settings = self.settings
-        subscription = Subscription(where, after, settings.buffer_size)
+        subscription = Subscription(where, after, settings)
         try:
             # Catch up from the table until a read reaches the feed's head; then join the
-            # feed, which offers only what comes after that.
+            # feed, which offers only what comes after that. It joins before it sends the
+            # last page, so that a slow client cannot keep it catching up forever.
             while True:
                 async with db.connection(self.pool) as conn:
                     page = await store.events_page(
                         conn, where, subscription.reached, settings.page_size
                     )
                 domain.check_position(subscription.reached, page.oldest, page.head)
-                subscription.reached = page.reached
-                if page.events:
-                    yield Batch([self.encode(page.events)], len(page.events), page.reached)
+                subscription.offer(Encoded.of(page.events, self.encode), page.reached)
                 if self._closed:
                     raise _stopping()
                 if page.reached == page.head and page.reached >= self.head:
@@ -207,8 +253,10 @@ class EventFeed:
                     self._subscriptions.add(subscription)
                     self._wake.set()  # anything newer: read it now
                     break
+                while subscription.has_waiting:
+                    yield subscription.take()
             while True:
-                yield await subscription.next(settings.heartbeat_interval, settings.page_size)
+                yield await subscription.next(settings.heartbeat_interval)
         finally:
             self._subscriptions.discard(subscription)
 
@@ -251,23 +299,29 @@ class EventFeed:
         """Offers each subscription what it wants of `events`. Subscriptions with the same
         filters (typically many) share one list and one encoding, so the cost of each one
         more subscriber is a queue entry, not a pass over the events."""
-        shared: dict[EventFilter, tuple[bytes, int]] = {}
+        shared: dict[EventFilter, Encoded] = {}
+        by_account: dict[str, list[Event]] = {}
+        if any(s.where.account for s in self._subscriptions):
+            for event in events:
+                by_account.setdefault(event.account, []).append(event)
         first = events[0].position if events else reached + 1
         for subscription in list(self._subscriptions):
+            where = subscription.where
+            candidates = by_account.get(where.account, []) if where.account else events
             if subscription.reached < first:  # as nearly always: it wants all it matches
-                if subscription.where not in shared:
-                    shared[subscription.where] = self._matching(subscription.where, events)
-                encoded, count = shared[subscription.where]
+                if where not in shared:
+                    shared[where] = self._matching(where, candidates)
+                encoded = shared[where]
             else:  # joined after the read began: only what comes after its position
-                later = [e for e in events if e.position > subscription.reached]
-                encoded, count = self._matching(subscription.where, later)
-            subscription.offer(encoded, count, reached)
+                later = [e for e in candidates if e.position > subscription.reached]
+                encoded = self._matching(where, later)
+            subscription.offer(encoded, reached)
             if subscription.ended is not None:
                 self._subscriptions.discard(subscription)
 
-    def _matching(self, where: EventFilter, events: list[Event]) -> tuple[bytes, int]:
+    def _matching(self, where: EventFilter, events: list[Event]) -> Encoded:
         matching = [e for e in events if where.matches(e)]
-        return (self.encode(matching) if matching else b""), len(matching)
+        return Encoded.of(matching, self.encode) if matching else NOTHING
 
     async def _listen(self) -> None:
         """LISTENs on its own connection; wakes the reader on every notification, and once

@@ -58,7 +58,7 @@ class LoyaltyServer:
                 page_size=settings.events_page_size,
                 read_interval=settings.events_read_interval,
             ),
-            EventEncoder().events_field,
+            EventEncoder().events_fields,
         )
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(interceptors=telemetry.interceptors(settings))

@@ -534,10 +534,10 @@ def test_stream_responses_built_from_encoded_events_are_the_messages():
     )  # fmt: skip
     created = replace(domain.account_event(domain.EventType.ACCOUNT_CREATED, account), position=1)
     posted = replace(domain.transaction_event(ptx, account.program), position=300)
-    encoder = convert.EventEncoder(capacity=1)
+    encoder = convert.EventEncoder(capacity_bytes=1)
 
     def response(events: list, position: int) -> bytes:
-        return convert.stream_response([encoder.events_field(events)], position)
+        return convert.stream_response(encoder.events_fields(events), position)
 
     for _ in range(2):  # the second time from the cache (or after eviction)
         assert accounts_pb2.SubscribeAccountEventsResponse.FromString(
@@ -578,3 +578,54 @@ def test_grpcurl_can_subscribe_and_list(fresh):
         grpcurl(r.process.address, "-d", "{}", "vinr.loyalty.v1.LoyaltyEvents/ListEvents")
     )
     assert listed["events"][0]["account_event"]["id"] == event["id"]
+
+
+def test_large_events_are_split_across_responses_within_the_message_limit(fresh):
+    r = fresh()
+    account = create_account(r.accounts)
+    metadata = {f"key{i:02}": "é" * 500 for i in range(50)}  # ~50 KB an event
+    live = transaction_events(r.points)
+    with ThreadPoolExecutor(8) as pool:
+        posted = list(
+            pool.map(
+                lambda _: post(r.points, account.id, EARN, 1, metadata=metadata).id, range(120)
+            )
+        )
+    # Live, from the oldest (catch-up), and listed: all of them, no response over ~1 MiB.
+    received = []
+    while len(received) < 120:
+        response = live.next()
+        assert response.ByteSize() < 1_200_000
+        received += response.events
+    assert sorted(e.snapshot.id for e in received) == sorted(posted)
+    live.cancel()
+    oldest = transaction_events(r.points, from_oldest=True)
+    assert [e.position for e in oldest.events(120)] == list(range(2, 122))
+    oldest.cancel()
+    listed = all_events(r.channel)
+    assert [event_of(e).position for e in listed] == list(range(1, 122))
+
+
+def test_start_positions(fresh):
+    r = fresh()
+    account = create_account(r.accounts)
+    post(r.points, account.id, EARN, 1)
+    # An explicit from_oldest: false is the default: from now.
+    stream = transaction_events(r.points, from_oldest=False)
+    assert stream.position == 2
+    post(r.points, account.id, EARN, 1)
+    assert [e.position for e in stream.events(1)] == [3]
+    stream.cancel()
+    bad = fails(
+        lambda request: next(r.points.SubscribeTransactionEvents(request)),
+        points_pb2.SubscribeTransactionEventsRequest(after_position=-1),
+        INVALID,
+        "INVALID_ARGUMENT",
+    )
+    assert set(bad.field_violations) == {"after_position"}
+    fails(
+        lambda request: next(r.accounts.SubscribeAccountEvents(request)),
+        accounts_pb2.SubscribeAccountEventsRequest(after_position=4),
+        OUT_OF_RANGE,
+        "EVENT_POSITION_AHEAD",
+    )

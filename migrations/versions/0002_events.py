@@ -46,6 +46,7 @@ def upgrade() -> None:
         ),
     )
     op.create_index("ix_events_account_id_position", "events", ["account_id", "position"])
+    op.create_index("ix_events_program_id_position", "events", ["program_id", "position"])
 
     op.create_table(
         "event_log_head",
