@@ -9,7 +9,7 @@ import grpc
 
 from . import convert, domain
 from .convert import PageTokens, Violations
-from .domain import EventFilter, FieldViolation, InvalidArgument, Page
+from .domain import Page
 from .errors import translated, translated_stream
 from .events import EventFeed
 from .ledger import AccountChanges, Ledger
@@ -132,13 +132,8 @@ class LoyaltyAccounts(accounts_pb2_grpc.LoyaltyAccountsServicer):
     async def SubscribeAccountEvents(
         self, request: accounts_pb2.SubscribeAccountEventsRequest, context: Context
     ) -> AsyncIterator[bytes]:
-        # Responses go out as bytes (see server.add_servicer): SubscribeAccountEventsResponse.
-        v = Violations()
-        where = convert.event_filter(
-            v, request.program, request.account, request.types, domain.ACCOUNT_EVENT_TYPES
-        )
-        v.raise_if_any()
-        async for response in _subscribe(self.feed, request, where):
+        # Responses go out as bytes (see server._add_servicer): SubscribeAccountEventsResponse.
+        async for response in _subscribe(self.feed, request, domain.ACCOUNT_EVENT_TYPES):
             yield response
 
 
@@ -196,12 +191,7 @@ class PointsLedger(points_pb2_grpc.PointsLedgerServicer):
         self, request: points_pb2.SubscribeTransactionEventsRequest, context: Context
     ) -> AsyncIterator[bytes]:
         # Responses go out as bytes: SubscribeTransactionEventsResponse.
-        v = Violations()
-        where = convert.event_filter(
-            v, request.program, request.account, request.types, domain.TRANSACTION_EVENT_TYPES
-        )
-        v.raise_if_any()
-        async for response in _subscribe(self.feed, request, where):
+        async for response in _subscribe(self.feed, request, domain.TRANSACTION_EVENT_TYPES):
             yield response
 
 
@@ -254,11 +244,15 @@ async def _subscribe(
     feed: EventFeed,
     request: accounts_pb2.SubscribeAccountEventsRequest
     | points_pb2.SubscribeTransactionEventsRequest,
-    where: EventFilter,
+    types: frozenset[domain.EventType],
 ) -> AsyncIterator[bytes]:
+    """A subscription's responses, as bytes, for either kind of event."""
+    v = Violations()
+    where = convert.event_filter(v, request.program, request.account, request.types, types)
     start = request.WhichOneof("start")
     if start == "after_position" and request.after_position < 0:
-        raise InvalidArgument([FieldViolation("after_position", "must not be negative")])
+        v.add("after_position", "must not be negative")
+    v.raise_if_any()
     after = await feed.start_position(
         request.after_position if start == "after_position" else None,
         # An explicit `from_oldest: false` selects the oneof field too: it means from now.

@@ -264,28 +264,24 @@ def transaction_pb(ptx: PointsTransaction) -> points_pb2.PointsTransaction:
 
 def account_event_pb(event: Event) -> accounts_pb2.AccountEvent:
     assert isinstance(event.snapshot, Account)
-    return accounts_pb2.AccountEvent(
-        id=event.id,
-        type=event.type.value,
-        create_time=timestamp(event.create_time),
-        position=event.position,
-        program=event.program,
-        account=event.account,
-        snapshot=account_pb(event.snapshot),
-    )
+    return accounts_pb2.AccountEvent(**_envelope(event), snapshot=account_pb(event.snapshot))
 
 
 def transaction_event_pb(event: Event) -> points_pb2.TransactionEvent:
     assert isinstance(event.snapshot, PointsTransaction)
-    return points_pb2.TransactionEvent(
-        id=event.id,
-        type=event.type.value,
-        create_time=timestamp(event.create_time),
-        position=event.position,
-        program=event.program,
-        account=event.account,
-        snapshot=transaction_pb(event.snapshot),
-    )
+    return points_pb2.TransactionEvent(**_envelope(event), snapshot=transaction_pb(event.snapshot))
+
+
+def _envelope(event: Event) -> dict[str, object]:
+    """The fields AccountEvent and TransactionEvent share."""
+    return {
+        "id": event.id,
+        "type": event.type.value,
+        "create_time": timestamp(event.create_time),
+        "position": event.position,
+        "program": event.program,
+        "account": event.account,
+    }
 
 
 def event_pb(event: Event) -> events_pb2.Event:
