@@ -28,7 +28,7 @@ from loyalty_service.pb import (
     points_pb2_grpc,
 )
 from loyalty_service.server import LoyaltyServer
-from tests.conftest import libpq_url
+from tests.conftest import ROOT, libpq_url
 from tests.events_support import (
     Stream,
     account_events,
@@ -634,3 +634,32 @@ def test_start_positions(fresh):
         OUT_OF_RANGE,
         "EVENT_POSITION_AHEAD",
     )
+
+
+def test_the_readme_consumer_resumes_where_it_stopped(fresh):
+    """The README's consumer sample, run as it is written."""
+    readme = (ROOT / "README.md").read_text()
+    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "def consume(" in code
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    r = fresh()
+    account = create_account(r.accounts)
+    posted = [post(r.points, account.id, EARN, 1).id for _ in range(5)]
+
+    class Enough(Exception):
+        pass
+
+    handled: list = []
+
+    def handle(event) -> None:
+        handled.append(event.snapshot.id)
+        if len(handled) in (3, 5):
+            raise Enough
+
+    with pytest.raises(Enough):
+        namespace["consume"](r.process.address, 0, handle)
+    # Started again from the position of the third (2, 3, 4: the account's event is 1).
+    with pytest.raises(Enough):
+        namespace["consume"](r.process.address, 4, handle)
+    assert handled == posted
