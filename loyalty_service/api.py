@@ -227,15 +227,15 @@ class LoyaltyEvents(events_pb2_grpc.LoyaltyEventsServicer):
             if events and size > MAX_RESPONSE_BYTES:
                 break  # the next page starts with it
             events.append(message)
-        full = len(events) == limit or len(events) < len(page.events)
-        reached = (
-            page.reached
-            if len(events) == len(page.events)
-            else page.events[len(events) - 1].position
-        )
+        if len(events) == len(page.events):
+            reached = page.reached
+        else:
+            reached = page.events[len(events) - 1].position
+        # A full page, or one cut short (by size, or by the read's window), has more after.
+        more = len(events) == limit or reached < page.head
         return events_pb2.ListEventsResponse(
             events=events,
-            next_page_token=self.tokens.encode(reached if full else None, query),
+            next_page_token=self.tokens.encode(reached if more else None, query),
             position=reached,
         )
 

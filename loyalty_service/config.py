@@ -46,10 +46,16 @@ class Settings:
             raise ValueError("LOYALTY_REQUEST_ID_RETENTION_HOURS must be at least 24 (AIP-155)")
         if self.pool_size < 1:
             raise ValueError("LOYALTY_POOL_SIZE must be at least 1")
-        if self.events_buffer < 1 or self.events_page_size < 1:
-            raise ValueError("LOYALTY_EVENTS_BUFFER and _PAGE_SIZE must be at least 1")
+        if not 1 <= self.events_page_size <= self.events_buffer:
+            # A subscriber just done with a full catch-up page must have room for more.
+            raise ValueError("need 1 <= LOYALTY_EVENTS_PAGE_SIZE <= LOYALTY_EVENTS_BUFFER")
         if min(self.events_heartbeat, self.events_poll_interval, self.prune_interval) <= 0:
             raise ValueError("intervals must be positive")
+        if self.event_retention_days <= 0 or self.events_read_interval < 0:
+            raise ValueError(
+                "LOYALTY_EVENT_RETENTION_DAYS must be positive and"
+                " LOYALTY_EVENTS_READ_INTERVAL not negative"
+            )
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:

@@ -53,7 +53,7 @@ accounts = sa.Table(
     sa.Column("update_time", sa.DateTime(timezone=True), nullable=False),
     sa.Column("merged_into", sa.Text, sa.ForeignKey("accounts.id")),
     # One more with every change of the account, postings included.
-    sa.Column("version", sa.BigInteger, nullable=False),
+    sa.Column("version", sa.BigInteger, nullable=False, server_default="1"),
     sa.CheckConstraint("status IN ('ACTIVE', 'CLOSED', 'MERGED')", name="status"),
     sa.CheckConstraint("lifetime_points >= 0", name="lifetime_points"),
     sa.CheckConstraint("(status = 'MERGED') = (merged_into IS NOT NULL)", name="merged_into"),

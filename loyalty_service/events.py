@@ -29,7 +29,6 @@ from .domain import Event, EventFilter, LedgerError, ServerStopping, SubscriberT
 
 log = logging.getLogger(__name__)
 
-CHANNEL = "loyalty_events"
 EVERY_EVENT = EventFilter(types=frozenset(domain.EventType))
 
 
@@ -39,7 +38,7 @@ class FeedSettings:
     poll_interval: float = 1.0
     # Seconds the feed waits after a read before the next one: under load, one read (and one
     # message per subscriber) then carries all the events that committed meanwhile.
-    read_interval: float = 0.02
+    read_interval: float = 0.05
     # Events per read, and per catch-up page.
     page_size: int = 500
     # Events (and bytes) a subscription may have waiting to be sent before it is ended as
@@ -192,6 +191,8 @@ class EventFeed:
         self.listening = False
         self._subscriptions: set[Subscription] = set()
         self._wake = asyncio.Event()
+        # Catch-up reads share the pool with the writes: at most half of it at a time.
+        self._catching_up = asyncio.Semaphore(max(1, pool.max_size // 2))
         self._closed = False
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -239,7 +240,7 @@ class EventFeed:
             # feed, which offers only what comes after that. It joins before it sends the
             # last page, so that a slow client cannot keep it catching up forever.
             while True:
-                async with db.connection(self.pool) as conn:
+                async with self._catching_up, db.connection(self.pool) as conn:
                     page = await store.events_page(
                         conn, where, subscription.reached, settings.page_size
                     )
@@ -253,6 +254,10 @@ class EventFeed:
                     self._subscriptions.add(subscription)
                     self._wake.set()  # anything newer: read it now
                     break
+                if not subscription.has_waiting:
+                    # A window with nothing it wants: say how far the catch-up got, so a
+                    # resume need not read it again.
+                    yield Batch([], subscription.reached)
                 while subscription.has_waiting:
                     yield subscription.take()
             while True:
@@ -334,7 +339,7 @@ class EventFeed:
                     application_name="loyalty-events-listener",
                 )
                 async with conn:
-                    await conn.execute(f"LISTEN {CHANNEL}")
+                    await store.listen_for_events(conn)
                     self.listening = True
                     self._wake.set()
                     async for _ in conn.notifies():
@@ -343,7 +348,7 @@ class EventFeed:
                 log.warning("event notifications lost, reconnecting: %s", error)
             finally:
                 self.listening = False
-            await asyncio.sleep(self.settings.poll_interval)
+            await asyncio.sleep(min(self.settings.poll_interval, 1.0))
 
 
 def _stopping() -> ServerStopping:

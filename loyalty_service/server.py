@@ -164,7 +164,7 @@ def _add_servicer(
     add_to_server: Callable[[Any, Any], None], servicer: object, server: grpc.aio.Server
 ) -> None:
     """Registers a servicer as its generated add_*_to_server does, except that its streams
-    send the bytes their handlers yield as they are (see convert.EncodedEvents)."""
+    send the bytes their handlers yield as they are (see convert.EventEncoder)."""
     found: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
 
     class Capture:

@@ -773,8 +773,14 @@ _TRANSACTION_COLUMN_NAMES = ", ".join(f"t.{c.name}" for c in _TRANSACTION_COLUMN
 @functools.cache
 def _events_page_sql(program: bool, account: bool) -> str:
     """Events after a position, oldest first, with the log's head and oldest retained
-    position, all read in the statement's one snapshot."""
-    conditions = ["e.position > :after", "e.position <= head.position", "e.type = ANY(:types)"]
+    position, all read in the statement's one snapshot. It looks at most EVENTS_WINDOW
+    positions past `after`, so that a filter matching few events still costs a bounded
+    read: the page then ends at the window's end (see EventPage.reached)."""
+    conditions = [
+        "e.position > :after",
+        "e.position <= least(head.position, :after + :window)",
+        "e.type = ANY(:types)",
+    ]
     if program:
         conditions.append("e.program_id = :program_id")
     if account:
@@ -797,16 +803,23 @@ def _events_page_sql(program: bool, account: bool) -> str:
     )
 
 
+# Positions one read of the event log looks at, at most.
+EVENTS_WINDOW = 50_000
+
+
 @dataclass(frozen=True)
 class EventPage:
     events: list[Event]
     head: int  # the newest committed position when the page was read
     oldest: int  # the oldest retained position then (head + 1 when none is)
-    # Every matching event up to this position is in this page or was before `after`.
+    # Every matching event up to this position is in this page or was before `after`; the
+    # page reached the head when this equals it.
     reached: int
 
 
-async def events_page(conn: Conn, where: EventFilter, after: int, limit: int) -> EventPage:
+async def events_page(
+    conn: Conn, where: EventFilter, after: int, limit: int, window: int = EVENTS_WINDOW
+) -> EventPage:
     sql = _events_page_sql(where.program is not None, where.account is not None)
     params = {
         "after": after,
@@ -814,12 +827,16 @@ async def events_page(conn: Conn, where: EventFilter, after: int, limit: int) ->
         "program_id": where.program,
         "account_id": where.account,
         "limit": limit,
+        "window": window,
     }
     cursor = await conn.execute(sql, params)
     rows = await cursor.fetchall()
     found = [_event(row) for row in rows if row.position is not None]
     head = rows[0].head
-    reached = found[-1].position if found and len(found) == limit else head
+    if found and len(found) == limit:
+        reached = found[-1].position
+    else:
+        reached = max(after, min(head, after + window))
     return EventPage(found, head, rows[0].oldest, reached)
 
 
@@ -838,6 +855,14 @@ def _event(row: Row) -> Event:
         snapshot=snapshot,
         position=row.position,
     )
+
+
+# The channel migration 0002's trigger notifies when the event log's head moves.
+EVENTS_CHANNEL = "loyalty_events"
+
+
+async def listen_for_events(conn: Conn) -> None:
+    await conn.execute(f"LISTEN {EVENTS_CHANNEL}")
 
 
 _OLDEST_AND_HEAD = _sql(

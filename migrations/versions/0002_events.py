@@ -22,11 +22,11 @@ EVENT_TYPES = (
 
 
 def upgrade() -> None:
-    # Existing accounts start at version 1, as new ones do.
+    # Existing accounts start at version 1, as new ones do. The default stays, so that a
+    # replica still on the previous release can create accounts during a rolling upgrade.
     op.add_column(
         "accounts", sa.Column("version", sa.BigInteger, nullable=False, server_default="1")
     )
-    op.alter_column("accounts", "version", server_default=None)
 
     op.create_table(
         "events",
