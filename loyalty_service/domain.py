@@ -328,6 +328,8 @@ def to_post(new: NewTransaction, now: datetime) -> PointsTransaction:
 def as_posted(transaction: PointsTransaction) -> PointsTransaction:
     """The transaction as it was when posted: only merges change a ledger row afterwards
     (moving it to another account), and reversals (counting what they reversed)."""
+    if transaction.original_account is None and transaction.reversed_amount == 0:
+        return transaction  # as most are: unchanged (and a copy costs the event feed)
     return replace(
         transaction,
         account=transaction.original_account or transaction.account,
