@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from . import convert, domain
 from .convert import PageTokens, Violations
@@ -23,10 +24,11 @@ from .pb import (
 )
 
 Context = grpc.aio.ServicerContext
-# Bytes of events in one ListEvents response: well under gRPC's default 4 MiB message limit
-# on the client, as events may be large (metadata).
+# Bytes of items in one list response: well under gRPC's default 4 MiB message limit on the
+# client, as a page of 100 items with large metadata could be ~10 MB.
 MAX_RESPONSE_BYTES = 1 << 20
 T = TypeVar("T")
+M = TypeVar("M", bound=Message)
 F = TypeVar("F")
 
 
@@ -92,11 +94,14 @@ class LoyaltyAccounts(accounts_pb2_grpc.LoyaltyAccountsServicer):
     ) -> accounts_pb2.ListAccountsResponse:
         where = convert.account_filter(request)
         items, next_page_token = await _page(
-            self.tokens, request, "ListAccounts", where, self.ledger.list_accounts
+            self.tokens,
+            request,
+            "ListAccounts",
+            where,
+            self.ledger.list_accounts,
+            convert.account_pb,
         )
-        return accounts_pb2.ListAccountsResponse(
-            accounts=[convert.account_pb(a) for a in items], next_page_token=next_page_token
-        )
+        return accounts_pb2.ListAccountsResponse(accounts=items, next_page_token=next_page_token)
 
     @translated
     async def CloseAccount(
@@ -164,11 +169,15 @@ class PointsLedger(points_pb2_grpc.PointsLedgerServicer):
     ) -> points_pb2.ListPointsTransactionsResponse:
         where = convert.transaction_filter(request)
         items, next_page_token = await _page(
-            self.tokens, request, "ListPointsTransactions", where, self.ledger.list_transactions
+            self.tokens,
+            request,
+            "ListPointsTransactions",
+            where,
+            self.ledger.list_transactions,
+            convert.transaction_pb,
         )
         return points_pb2.ListPointsTransactionsResponse(
-            points_transactions=[convert.transaction_pb(t) for t in items],
-            next_page_token=next_page_token,
+            points_transactions=items, next_page_token=next_page_token
         )
 
     @translated
@@ -220,13 +229,7 @@ class LoyaltyEvents(events_pb2_grpc.LoyaltyEventsServicer):
         page = await self.ledger.list_events(
             where, request.after_position if after is None else after, limit, check=check
         )
-        events, size = [], 0
-        for event in page.events:
-            message = convert.event_pb(event)
-            size += message.ByteSize()
-            if events and size > MAX_RESPONSE_BYTES:
-                break  # the next page starts with it
-            events.append(message)
+        events = _fit([convert.event_pb(e) for e in page.events])
         if len(events) == len(page.events):
             reached = page.reached
         else:
@@ -271,12 +274,28 @@ async def _page(
     method: str,
     where: F,
     list_page: Callable[[F, int | None, int], Awaitable[Page[T]]],
-) -> tuple[list[T], str]:
-    """One keyset page for a list request; its token is bound to the method and filters."""
+    to_pb: Callable[[T], M],
+) -> tuple[list[M], str]:
+    """One keyset page for a list request, as messages; its token is bound to the method and
+    filters. A page cut short by size goes on, in the next, after its last item."""
     limit = tokens.page_size(request.page_size)
     query = [method, where]
     page = await list_page(where, tokens.decode(request.page_token, query), limit)
-    return page.items, tokens.encode(page.next_after, query)
+    messages = _fit([to_pb(item) for item in page.items])
+    next_after = page.next_after
+    if len(messages) < len(page.items):
+        next_after = page.keys[len(messages) - 1]
+    return messages, tokens.encode(next_after, query)
+
+
+def _fit(messages: list[M]) -> list[M]:
+    """The first messages that fit in one response (MAX_RESPONSE_BYTES), at least one."""
+    size = 0
+    for count, message in enumerate(messages):
+        size += message.ByteSize()
+        if count and size > MAX_RESPONSE_BYTES:
+            return messages[:count]
+    return messages
 
 
 def _id_and_request_id(account_id: str, request_id: str) -> str:

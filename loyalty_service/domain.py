@@ -127,6 +127,8 @@ class Page(Generic[T]):
     items: list[T]
     # The keyset position after the last item, or None at the end.
     next_after: int | None
+    # Each item's keyset position, for a page that is cut short.
+    keys: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -923,7 +923,7 @@ def _keyset(statement: sa.Select, seq: sa.Column, after: bool) -> sa.Select:
 def _page(rows: list[Row], limit: int, convert: typing.Callable[[Row], T]) -> Page[T]:
     items = rows[:limit]
     next_after = items[-1].seq if len(rows) > limit else None
-    return Page([convert(row) for row in items], next_after)
+    return Page([convert(row) for row in items], next_after, [row.seq for row in items])
 
 
 # ---------------------------------------------------------------------------------------

@@ -265,3 +265,24 @@ def test_page_size_is_capped_at_100(accounts, points):
         )
     )
     assert len(rest.points_transactions) == 5 and rest.next_page_token == ""
+
+
+def test_a_page_of_large_transactions_is_cut_to_fit_one_message(accounts, points):
+    """100 transactions with the most metadata would be ~10 MB: past gRPC's 4 MB limit."""
+    account = create_account(accounts)
+    metadata = {f"key{i:02}": "é" * 500 for i in range(50)}
+    posted = [post(points, account.id, EARN, 1, metadata=metadata).id for _ in range(40)]
+    seen, token, pages = [], "", 0
+    while True:
+        page = points.ListPointsTransactions(
+            points_pb2.ListPointsTransactionsRequest(
+                account=account.id, page_size=100, page_token=token
+            )
+        )
+        assert page.ByteSize() < 1_200_000
+        seen += [t.id for t in page.points_transactions]
+        pages += 1
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == posted[::-1] and pages > 1
