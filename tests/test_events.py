@@ -694,3 +694,23 @@ def test_filters_on_streams_and_reads_bounded_by_a_window_of_positions(fresh):
     assert (first.events, first.reached, first.head) == ([], 2, 6)
     last = asyncio.run(read(4))
     assert [e.position for e in last.events] == [6] and last.reached == 6
+
+
+def test_the_server_prunes_on_its_own_by_the_retention_setting(fresh):
+    r = fresh(LOYALTY_EVENT_RETENTION_DAYS="0.00004", LOYALTY_PRUNE_INTERVAL="0.5")  # ~3.5 s
+    account = create_account(r.accounts)
+    post(r.points, account.id, EARN, 1)
+    assert [event_of(e).position for e in all_events(r.channel)] == [1, 2]
+    deadline = time.monotonic() + 20
+    while all_events(r.channel):
+        assert time.monotonic() < deadline, "the events were not pruned"
+        time.sleep(0.2)
+    # The positions go on; a resume from before them is OUT_OF_RANGE.
+    post(r.points, account.id, EARN, 1)
+    assert [event_of(e).position for e in all_events(r.channel)] == [3]
+    fails(
+        r.events.ListEvents,
+        events_pb2.ListEventsRequest(after_position=1),
+        OUT_OF_RANGE,
+        "EVENT_POSITION_EXPIRED",
+    )
