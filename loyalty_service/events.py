@@ -9,7 +9,7 @@ the feed has not passed yet, so that no event is missed or repeated at the seam.
 
 The feed never waits for a subscriber: each has a bounded buffer, and one that falls too far
 behind is ended (SubscriberTooSlow) and may resume from its last position. Events are
-encoded once, however many subscribers receive them (see convert.encode_event).
+encoded once, however many subscribers receive them (see convert.EventEncoder).
 """
 
 from __future__ import annotations
