@@ -21,6 +21,8 @@ from .pb import (
     events_pb2_grpc,
     points_pb2,
     points_pb2_grpc,
+    programs_pb2,
+    programs_pb2_grpc,
 )
 
 Context = grpc.aio.ServicerContext
@@ -30,6 +32,50 @@ MAX_RESPONSE_BYTES = 1 << 20
 T = TypeVar("T")
 M = TypeVar("M", bound=Message)
 F = TypeVar("F")
+
+
+class LoyaltyPrograms(programs_pb2_grpc.LoyaltyProgramsServicer):
+    def __init__(self, ledger: Ledger, tokens: PageTokens) -> None:
+        self.ledger = ledger
+        self.tokens = tokens
+
+    @translated
+    async def CreateProgram(
+        self, request: programs_pb2.CreateProgramRequest, context: Context
+    ) -> programs_pb2.Program:
+        program_id, new = convert.new_program(request)
+        program = await self.ledger.create_program(program_id, new, request.request_id)
+        return convert.program_pb(program)
+
+    @translated
+    async def GetProgram(
+        self, request: programs_pb2.GetProgramRequest, context: Context
+    ) -> programs_pb2.Program:
+        program_id = convert.single_id("id", request.id, domain.PROGRAM_ID)
+        return convert.program_pb(await self.ledger.get_program(program_id))
+
+    @translated
+    async def ListPrograms(
+        self, request: programs_pb2.ListProgramsRequest, context: Context
+    ) -> programs_pb2.ListProgramsResponse:
+        status = convert.program_status_filter(request)
+        items, next_page_token = await _page(
+            self.tokens,
+            request,
+            "ListPrograms",
+            status,
+            self.ledger.list_programs,
+            convert.program_pb,
+        )
+        return programs_pb2.ListProgramsResponse(programs=items, next_page_token=next_page_token)
+
+    @translated
+    async def UpdateProgram(
+        self, request: programs_pb2.UpdateProgramRequest, context: Context
+    ) -> programs_pb2.Program:
+        program_id, changes = convert.program_changes(request)
+        program = await self.ledger.update_program(program_id, changes, request.request_id)
+        return convert.program_pb(program)
 
 
 class LoyaltyAccounts(accounts_pb2_grpc.LoyaltyAccountsServicer):
@@ -270,7 +316,9 @@ async def _subscribe(
 
 async def _page(
     tokens: PageTokens,
-    request: accounts_pb2.ListAccountsRequest | points_pb2.ListPointsTransactionsRequest,
+    request: accounts_pb2.ListAccountsRequest
+    | points_pb2.ListPointsTransactionsRequest
+    | programs_pb2.ListProgramsRequest,
     method: str,
     where: F,
     list_page: Callable[[F, int | None, int], Awaitable[Page[T]]],

@@ -26,11 +26,16 @@ from .domain import (
     EventType,
     FieldViolation,
     InvalidArgument,
+    NewProgram,
     OriginKind,
     PointsTransaction,
+    Program,
+    ProgramChanges,
+    ProgramStatus,
+    Tier,
     TransactionType,
 )
-from .pb import accounts_pb2, events_pb2, points_pb2
+from .pb import accounts_pb2, events_pb2, points_pb2, programs_pb2
 
 E = TypeVar("E")
 
@@ -40,6 +45,7 @@ MAX_PAGE_SIZE = 100
 AccountPb = accounts_pb2.Account
 TransactionPb = points_pb2.PointsTransaction
 OriginPb = points_pb2.Origin
+ProgramPb = programs_pb2.Program
 
 _STATUS_TO_PB = {s: AccountPb.Status.Value(f"STATUS_{s.value}") for s in AccountStatus}
 _STATUS_FROM_PB = {v: k for k, v in _STATUS_TO_PB.items()}
@@ -49,6 +55,8 @@ _DIRECTION_TO_PB = {d: TransactionPb.Direction.Value(f"DIRECTION_{d.value}") for
 _DIRECTION_FROM_PB = {v: k for k, v in _DIRECTION_TO_PB.items()}
 _ORIGIN_TO_PB = {k: OriginPb.Kind.Value(f"KIND_{k.value}") for k in OriginKind}
 _ORIGIN_FROM_PB = {v: k for k, v in _ORIGIN_TO_PB.items()}
+_PROGRAM_STATUS_TO_PB = {s: ProgramPb.Status.Value(f"STATUS_{s.value}") for s in ProgramStatus}
+_PROGRAM_STATUS_FROM_PB = {v: k for k, v in _PROGRAM_STATUS_TO_PB.items()}
 
 
 # PostgreSQL text cannot hold U+0000, so a string with one could never be stored.
@@ -170,6 +178,97 @@ def new_transaction(request: points_pb2.CreatePointsTransactionRequest) -> domai
     )
 
 
+# The fields UpdateProgram may change (AIP-134 paths).
+PROGRAM_PATHS = ("name", "currency", "auto_enroll", "tiers", "status")
+
+
+def _program_name(v: Violations, field_path: str, value: str) -> str:
+    if not value:
+        v.add(field_path, "is required")
+    return v.text(field_path, value, domain.MAX_PROGRAM_NAME_LENGTH)
+
+
+def _currency(v: Violations, field_path: str, value: str) -> str:
+    if not value:
+        v.add(field_path, "is required")
+    elif not domain.CURRENCY.match(value):
+        v.add(field_path, "must be an ISO 4217 code: three uppercase letters")
+    return value
+
+
+def _tiers(v: Violations, field_path: str, values: Sequence[programs_pb2.Tier]) -> list[Tier]:
+    tiers = [Tier(t.name, t.lifetime_points) for t in values]
+    v.found.extend(domain.tier_violations(field_path, tiers))
+    return tiers
+
+
+def new_program(request: programs_pb2.CreateProgramRequest) -> tuple[str | None, NewProgram]:
+    """The id asked for (None: generate one) and the program to create."""
+    v = Violations()
+    program_id = v.id("program_id", request.program_id, domain.PROGRAM_ID, required=False)
+    program = request.program
+    name = _program_name(v, "program.name", program.name)
+    currency = _currency(v, "program.currency", program.currency)
+    tiers = _tiers(v, "program.tiers", program.tiers)
+    status = v.enum("program.status", program.status, _PROGRAM_STATUS_FROM_PB, required=False)
+    v.request_id(request.request_id)
+    v.raise_if_any()
+    new = NewProgram(
+        name=name,
+        currency=currency,
+        auto_enroll=program.auto_enroll,
+        tiers=tiers,
+        status=status or ProgramStatus.ACTIVE,
+    )
+    return program_id or None, new
+
+
+def program_changes(request: programs_pb2.UpdateProgramRequest) -> tuple[str, ProgramChanges]:
+    """The program to update and what changes, as the update_mask says (AIP-134): an empty
+    mask means the fields that are set, `*` all of them. Only the named fields are read."""
+    v = Violations()
+    program = request.program
+    program_id = v.id("program.id", program.id, domain.PROGRAM_ID)
+    paths = set(request.update_mask.paths)
+    if not paths:
+        # A proto3 scalar at its default is not "set": false and [] need the mask.
+        set_fields = {
+            "name": bool(program.name),
+            "currency": bool(program.currency),
+            "auto_enroll": program.auto_enroll,
+            "tiers": bool(program.tiers),
+            "status": program.status != 0,
+        }
+        paths = {path for path, is_set in set_fields.items() if is_set}
+    if "*" in paths:
+        paths = (paths - {"*"}) | set(PROGRAM_PATHS)
+    for unknown in sorted(paths - set(PROGRAM_PATHS)):
+        v.add("update_mask", f"cannot update {unknown!r}; updatable: {', '.join(PROGRAM_PATHS)}")
+    changes = ProgramChanges(
+        name=_program_name(v, "program.name", program.name) if "name" in paths else None,
+        currency=_currency(v, "program.currency", program.currency)
+        if "currency" in paths
+        else None,
+        auto_enroll=program.auto_enroll if "auto_enroll" in paths else None,
+        tiers=_tiers(v, "program.tiers", program.tiers) if "tiers" in paths else None,
+        status=v.enum("program.status", program.status, _PROGRAM_STATUS_FROM_PB, required=True)
+        if "status" in paths
+        else None,
+    )
+    v.request_id(request.request_id)
+    if not paths:
+        v.add("update_mask", "names nothing to update")
+    v.raise_if_any()
+    return program_id, changes
+
+
+def program_status_filter(request: programs_pb2.ListProgramsRequest) -> ProgramStatus | None:
+    v = Violations()
+    status = v.enum("status", request.status, _PROGRAM_STATUS_FROM_PB, required=False)
+    v.raise_if_any()
+    return status
+
+
 def account_filter(request: accounts_pb2.ListAccountsRequest) -> domain.AccountFilter:
     v = Violations()
     program = v.id("program", request.program, domain.PROGRAM_ID, required=False)
@@ -226,6 +325,21 @@ def timestamp(value: datetime) -> Timestamp:
     # Integer arithmetic on the timedelta: exact, and cheaper than FromDatetime on every read.
     since = value - _EPOCH
     return Timestamp(seconds=since.days * 86_400 + since.seconds, nanos=since.microseconds * 1000)
+
+
+def program_pb(program: Program) -> programs_pb2.Program:
+    return programs_pb2.Program(
+        id=program.id,
+        name=program.name,
+        currency=program.currency,
+        auto_enroll=program.auto_enroll,
+        tiers=[
+            programs_pb2.Tier(name=t.name, lifetime_points=t.lifetime_points) for t in program.tiers
+        ],
+        status=_PROGRAM_STATUS_TO_PB[program.status],
+        create_time=timestamp(program.create_time),
+        update_time=timestamp(program.update_time),
+    )
 
 
 def account_pb(account: Account) -> accounts_pb2.Account:

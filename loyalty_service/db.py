@@ -32,8 +32,18 @@ programs = sa.Table(
     "programs",
     metadata,
     sa.Column("id", sa.Text, primary_key=True),
+    # Keyset for paging: newest first is seq descending.
+    sa.Column("seq", sa.BigInteger, sa.Identity(), nullable=False, unique=True),
     sa.Column("name", sa.Text, nullable=False),
+    # ISO 4217; fixed once the program has an account.
+    sa.Column("currency", sa.Text, nullable=False),
+    sa.Column("auto_enroll", sa.Boolean, nullable=False, server_default=sa.false()),
+    # [{"name": ..., "lifetime_points": ...}, ...] in order of threshold.
+    sa.Column("tiers", JSONB, nullable=False, server_default=sa.text("'[]'::jsonb")),
+    sa.Column("status", sa.Text, nullable=False, server_default="ACTIVE"),
     sa.Column("create_time", sa.DateTime(timezone=True), nullable=False, server_default=NOW),
+    sa.Column("update_time", sa.DateTime(timezone=True), nullable=False),
+    sa.CheckConstraint("status IN ('ACTIVE', 'ARCHIVED')", name="status"),
 )
 
 accounts = sa.Table(

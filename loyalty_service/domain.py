@@ -1,4 +1,5 @@
-"""Accounts, points transactions and the rules of the ledger; standard library only."""
+"""Programs, accounts, points transactions and the rules of the ledger; standard library
+only."""
 
 from __future__ import annotations
 
@@ -28,6 +29,10 @@ _ID_LENGTH = 20
 ACCOUNT_ID = re.compile(r"^loy_[A-Za-z0-9]{20}$")
 TRANSACTION_ID = re.compile(r"^ptx_[A-Za-z0-9]{20}$")
 PROGRAM_ID = re.compile(r"^prog_[A-Za-z0-9_]{1,60}$")
+CURRENCY = re.compile(r"^[A-Z]{3}$")  # ISO 4217
+MAX_PROGRAM_NAME_LENGTH = 200
+MAX_TIERS = 20
+MAX_TIER_NAME_LENGTH = 40
 
 
 def new_id(prefix: str) -> str:
@@ -38,6 +43,11 @@ def new_id(prefix: str) -> str:
         number, digit = divmod(number, len(_ID_ALPHABET))
         letters.append(_ID_ALPHABET[digit])
     return prefix + "".join(letters)
+
+
+class ProgramStatus(enum.StrEnum):
+    ACTIVE = "ACTIVE"
+    ARCHIVED = "ARCHIVED"
 
 
 class AccountStatus(enum.StrEnum):
@@ -78,6 +88,25 @@ IMPLIED_DIRECTION = {
 }
 # Credits of these types count towards lifetime points; no transaction ever lowers them.
 LIFETIME_TYPES = frozenset({TransactionType.EARN, TransactionType.ADJUST})
+
+
+@dataclass(frozen=True)
+class Tier:
+    name: str
+    # The lifetime points from which a member is in this tier.
+    lifetime_points: int
+
+
+@dataclass(frozen=True)
+class Program:
+    id: str
+    name: str
+    currency: str
+    auto_enroll: bool
+    tiers: list[Tier]  # in order of threshold
+    status: ProgramStatus
+    create_time: datetime
+    update_time: datetime
 
 
 @dataclass(frozen=True)
@@ -193,6 +222,10 @@ class AccountAlreadyExists(LedgerError):
     reason = "ACCOUNT_ALREADY_EXISTS"
 
 
+class ProgramAlreadyExists(LedgerError):
+    reason = "PROGRAM_ALREADY_EXISTS"
+
+
 class FailedPrecondition(LedgerError):
     pass
 
@@ -225,6 +258,18 @@ class ProgramMismatch(FailedPrecondition):
     reason = "PROGRAM_MISMATCH"
 
 
+class ProgramNotActive(FailedPrecondition):
+    """An ARCHIVED program takes no new accounts."""
+
+    reason = "PROGRAM_NOT_ACTIVE"
+
+
+class CurrencyLocked(FailedPrecondition):
+    """A program's currency is fixed once it has an account."""
+
+    reason = "CURRENCY_LOCKED"
+
+
 class OutOfRange(LedgerError):
     pass
 
@@ -253,6 +298,59 @@ class EventPositionAhead(OutOfRange):
 
 # ---------------------------------------------------------------------------------------
 # Rules.
+
+
+def tier_violations(field_path: str, tiers: list[Tier]) -> list[FieldViolation]:
+    """What is wrong with a program's tiers: at most MAX_TIERS, names 1 to 40 characters and
+    unique, thresholds at least 0 and strictly increasing (so each member is in one tier)."""
+    found = []
+    if len(tiers) > MAX_TIERS:
+        found.append(FieldViolation(field_path, f"has more than {MAX_TIERS} tiers"))
+    seen: set[str] = set()
+    for index, tier in enumerate(tiers):
+        path = f"{field_path}[{index}]"
+        if not 1 <= len(tier.name) <= MAX_TIER_NAME_LENGTH:
+            found.append(
+                FieldViolation(f"{path}.name", f"must be 1 to {MAX_TIER_NAME_LENGTH} characters")
+            )
+        elif "\x00" in tier.name:
+            found.append(FieldViolation(f"{path}.name", "must not contain the character U+0000"))
+        elif tier.name in seen:
+            found.append(FieldViolation(f"{path}.name", f"repeats the tier name {tier.name!r}"))
+        seen.add(tier.name)
+        if tier.lifetime_points < 0:
+            found.append(FieldViolation(f"{path}.lifetime_points", "must not be negative"))
+        elif index and tier.lifetime_points <= tiers[index - 1].lifetime_points:
+            found.append(
+                FieldViolation(
+                    f"{path}.lifetime_points",
+                    f"must be greater than the previous tier's"
+                    f" ({tiers[index - 1].lifetime_points})",
+                )
+            )
+    return found
+
+
+def require_program_active(program: Program) -> None:
+    if program.status is not ProgramStatus.ACTIVE:
+        raise ProgramNotActive(
+            f"program {program.id} is {program.status}, not ACTIVE: it takes no new accounts",
+            program=program.id,
+            status=program.status,
+        )
+
+
+def check_currency_change(program: Program, currency: str, has_accounts: bool) -> None:
+    """The currency may change only while the program has no account: its accounts'
+    balances were earned in it, and would silently change value."""
+    if currency != program.currency and has_accounts:
+        raise CurrencyLocked(
+            f"program {program.id} has accounts, whose points were earned in"
+            f" {program.currency}; its currency cannot change to {currency}",
+            program=program.id,
+            currency=program.currency,
+            requested=currency,
+        )
 
 
 def require_active(account: Account) -> None:
@@ -413,6 +511,28 @@ class TransactionFilter:
     account: str | None = None
     type: TransactionType | None = None
     direction: Direction | None = None
+
+
+@dataclass(frozen=True)
+class NewProgram:
+    """A validated request to create a program."""
+
+    name: str
+    currency: str
+    auto_enroll: bool = False
+    tiers: list[Tier] = field(default_factory=list)
+    status: ProgramStatus = ProgramStatus.ACTIVE
+
+
+@dataclass(frozen=True)
+class ProgramChanges:
+    """A validated UpdateProgram; None leaves a field as it is."""
+
+    name: str | None = None
+    currency: str | None = None
+    auto_enroll: bool | None = None
+    tiers: list[Tier] | None = None
+    status: ProgramStatus | None = None
 
 
 @dataclass(frozen=True)

@@ -28,10 +28,15 @@ from .domain import (
     FieldViolation,
     InvalidArgument,
     MergeResult,
+    NewProgram,
     NewTransaction,
     Page,
     PointsTransaction,
+    Program,
+    ProgramAlreadyExists,
+    ProgramChanges,
     ProgramNotFound,
+    ProgramStatus,
     RequestIdReused,
     TransactionFilter,
     TransactionNotFound,
@@ -164,6 +169,77 @@ class Ledger:
         self.clock = clock
         self._postings = Batches(self._post_batch, keys=_posting_keys)
 
+    # -- programs ------------------------------------------------------------------------
+
+    async def create_program(
+        self, program_id: str | None, new: NewProgram, request_id: str = ""
+    ) -> Program:
+        # A generated id is drawn once per call, outside the transaction: a replay returns
+        # the first call's program.
+        new_id = program_id or domain.new_id("prog_")
+
+        async def work(conn: Conn) -> Program:
+            now = self.clock()
+            program = Program(
+                id=new_id,
+                name=new.name,
+                currency=new.currency,
+                auto_enroll=new.auto_enroll,
+                tiers=new.tiers,
+                status=new.status,
+                create_time=now,
+                update_time=now,
+            )
+            if not await store.insert_program(conn, program):
+                raise ProgramAlreadyExists(f"program {new_id} already exists", program=new_id)
+            return program
+
+        # No program events: the event log records accounts and transactions only.
+        params = {"program_id": program_id, "program": store.to_json(new)}
+        return await self._run("CreateProgram", request_id, params, Program, work)
+
+    async def get_program(self, program_id: str) -> Program:
+        async with db.connection(self.pool) as conn:
+            program = await store.get_program(conn, program_id)
+        if program is None:
+            raise _program_not_found(program_id)
+        return program
+
+    async def list_programs(
+        self, status: ProgramStatus | None, after: int | None, limit: int
+    ) -> Page[Program]:
+        async with db.connection(self.pool) as conn:
+            return await store.list_programs(conn, status, after, limit)
+
+    async def update_program(
+        self, program_id: str, changes: ProgramChanges, request_id: str = ""
+    ) -> Program:
+        async def work(conn: Conn) -> Program:
+            # FOR UPDATE: enrollments (which hold the row FOR KEY SHARE) and other updates
+            # wait, so the check for accounts below cannot miss one being created.
+            program = await store.lock_program(conn, program_id)
+            if program is None:
+                raise _program_not_found(program_id)
+            if changes.currency is not None and changes.currency != program.currency:
+                has_accounts = await store.program_has_accounts(conn, program_id)
+                domain.check_currency_change(program, changes.currency, has_accounts)
+            updated = replace(
+                program,
+                name=program.name if changes.name is None else changes.name,
+                currency=program.currency if changes.currency is None else changes.currency,
+                auto_enroll=program.auto_enroll
+                if changes.auto_enroll is None
+                else changes.auto_enroll,
+                tiers=program.tiers if changes.tiers is None else changes.tiers,
+                status=program.status if changes.status is None else changes.status,
+                update_time=self.clock(),
+            )
+            await store.save_program(conn, updated)
+            return updated
+
+        params = {"id": program_id, "changes": store.to_json(changes)}
+        return await self._run("UpdateProgram", request_id, params, Program, work)
+
     # -- accounts ------------------------------------------------------------------------
 
     async def create_account(
@@ -174,8 +250,12 @@ class Ledger:
         request_id: str = "",
     ) -> Account:
         async def work(conn: Conn) -> Account:
-            if not await store.program_exists(conn, program):
-                raise ProgramNotFound(f"program {program} does not exist", program=program)
+            # Held until commit: an UpdateProgram that archives the program, or changes its
+            # currency, waits for this enrollment or is waited for.
+            found = await store.share_program(conn, program)
+            if found is None:
+                raise _program_not_found(program)
+            domain.require_program_active(found)
             now = self.clock()
             account = Account(
                 id=domain.new_id("loy_"),
@@ -536,6 +616,10 @@ def _replay(
 ) -> T:
     _check_fingerprint(stored, fingerprint, request_id)
     return store.from_json(result_type, stored.response)
+
+
+def _program_not_found(program_id: str) -> ProgramNotFound:
+    return ProgramNotFound(f"program {program_id} does not exist", program=program_id)
 
 
 def _account_not_found(account_id: str) -> AccountNotFound:

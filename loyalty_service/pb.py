@@ -20,6 +20,8 @@ from vinr.loyalty.v1 import (  # noqa: E402
     events_pb2_grpc,
     points_pb2,
     points_pb2_grpc,
+    programs_pb2,
+    programs_pb2_grpc,
 )
 
 __all__ = [
@@ -29,4 +31,6 @@ __all__ = [
     "events_pb2_grpc",
     "points_pb2",
     "points_pb2_grpc",
+    "programs_pb2",
+    "programs_pb2_grpc",
 ]

@@ -14,7 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from . import db, store, telemetry
-from .api import LoyaltyAccounts, LoyaltyEvents, PointsLedger
+from .api import LoyaltyAccounts, LoyaltyEvents, LoyaltyPrograms, PointsLedger
 from .config import Settings
 from .convert import EventEncoder, PageTokens
 from .events import EventFeed, FeedSettings
@@ -26,6 +26,8 @@ from .pb import (
     events_pb2_grpc,
     points_pb2,
     points_pb2_grpc,
+    programs_pb2,
+    programs_pb2_grpc,
 )
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,7 @@ SERVICE_NAMES = (
     accounts_pb2.DESCRIPTOR.services_by_name["LoyaltyAccounts"].full_name,
     points_pb2.DESCRIPTOR.services_by_name["PointsLedger"].full_name,
     events_pb2.DESCRIPTOR.services_by_name["LoyaltyEvents"].full_name,
+    programs_pb2.DESCRIPTOR.services_by_name["LoyaltyPrograms"].full_name,
 )
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -81,6 +84,9 @@ class LoyaltyServer:
         )
         events_pb2_grpc.add_LoyaltyEventsServicer_to_server(
             LoyaltyEvents(self.ledger, tokens), self.server
+        )
+        programs_pb2_grpc.add_LoyaltyProgramsServicer_to_server(
+            LoyaltyPrograms(self.ledger, tokens), self.server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

@@ -46,6 +46,9 @@ from .domain import (
     OriginKind,
     Page,
     PointsTransaction,
+    Program,
+    ProgramStatus,
+    Tier,
     TransactionFilter,
     TransactionType,
     as_posted,
@@ -165,14 +168,118 @@ async def _one(conn: Conn, sql: str, params: dict[str, object]) -> Row | None:
 # ---------------------------------------------------------------------------------------
 # Programs and settings.
 
-_PROGRAM_EXISTS = _sql(sa.select(programs.c.id).where(programs.c.id == _bind(programs.c.id)))
+_PROGRAM_COLUMNS = [c for c in programs.c if c.name != "seq"]
+_PROGRAM_ID = sa.bindparam("id", type_=sa.Text)
+_INSERT_PROGRAM = _sql(
+    pg_insert(programs)
+    .values({c.name: _bind(c) for c in _PROGRAM_COLUMNS})
+    .on_conflict_do_nothing(index_elements=["id"])
+    .returning(programs.c.id)
+)
+_GET_PROGRAM = _sql(sa.select(*_PROGRAM_COLUMNS).where(programs.c.id == _PROGRAM_ID))
+_LOCK_PROGRAM = _sql(
+    sa.select(*_PROGRAM_COLUMNS).where(programs.c.id == _PROGRAM_ID).with_for_update()
+)
+# KEY SHARE, as the accounts' foreign key takes anyway: enrollments do not wait for each
+# other, but wait for an UpdateProgram (FOR UPDATE) and then see what it committed.
+_SHARE_PROGRAM = _sql(
+    sa.select(*_PROGRAM_COLUMNS)
+    .where(programs.c.id == _PROGRAM_ID)
+    .with_for_update(read=True, key_share=True)
+)
+_SAVE_PROGRAM = _sql(
+    sa.update(programs)
+    .where(programs.c.id == _PROGRAM_ID)
+    .values({c.name: _bind(c) for c in _PROGRAM_COLUMNS if c.name not in ("id", "create_time")})
+)
+_PROGRAM_HAS_ACCOUNTS = _sql(
+    sa.select(
+        sa.exists().where(accounts.c.program_id == _bind(accounts.c.program_id)).label("found")
+    )
+)
 _PAGE_TOKEN_KEY = _sql(
     sa.select(service_settings.c.value).where(service_settings.c.name == _const("page_token_key"))
 )
 
 
-async def program_exists(conn: Conn, program_id: str) -> bool:
-    return await _one(conn, _PROGRAM_EXISTS, {"id": program_id}) is not None
+def _program(row: Row) -> Program:
+    return Program(
+        id=row.id,
+        name=row.name,
+        currency=row.currency,
+        auto_enroll=row.auto_enroll,
+        tiers=[Tier(t["name"], t["lifetime_points"]) for t in row.tiers],
+        status=ProgramStatus(row.status),
+        create_time=row.create_time,
+        update_time=row.update_time,
+    )
+
+
+def _program_params(program: Program) -> dict[str, object]:
+    return {
+        "id": program.id,
+        "name": program.name,
+        "currency": program.currency,
+        "auto_enroll": program.auto_enroll,
+        "tiers": Jsonb([to_json(tier) for tier in program.tiers]),
+        "status": program.status.value,
+        "create_time": program.create_time,
+        "update_time": program.update_time,
+    }
+
+
+async def insert_program(conn: Conn, program: Program) -> bool:
+    """Inserts the program; False if one with its id exists (a racing insert of the same id
+    waits for the first to commit, and then gets False)."""
+    return await _one(conn, _INSERT_PROGRAM, _program_params(program)) is not None
+
+
+async def get_program(conn: Conn, program_id: str) -> Program | None:
+    row = await _one(conn, _GET_PROGRAM, {"id": program_id})
+    return _program(row) if row else None
+
+
+async def lock_program(conn: Conn, program_id: str) -> Program | None:
+    row = await _one(conn, _LOCK_PROGRAM, {"id": program_id})
+    return _program(row) if row else None
+
+
+async def share_program(conn: Conn, program_id: str) -> Program | None:
+    """The program, held against UpdateProgram until this transaction ends (see
+    _SHARE_PROGRAM)."""
+    row = await _one(conn, _SHARE_PROGRAM, {"id": program_id})
+    return _program(row) if row else None
+
+
+async def save_program(conn: Conn, program: Program) -> None:
+    await conn.execute(_SAVE_PROGRAM, _program_params(program))
+
+
+async def program_has_accounts(conn: Conn, program_id: str) -> bool:
+    row = await _one(conn, _PROGRAM_HAS_ACCOUNTS, {"program_id": program_id})
+    assert row is not None
+    return bool(row.found)
+
+
+@functools.cache
+def _list_programs_sql(status: bool, after: bool) -> str:
+    statement = sa.select(*_PROGRAM_COLUMNS, programs.c.seq)
+    if status:
+        statement = statement.where(programs.c.status == _bind(programs.c.status))
+    return _sql(_keyset(statement, programs.c.seq, after))
+
+
+async def list_programs(
+    conn: Conn, status: ProgramStatus | None, after: int | None, limit: int
+) -> Page[Program]:
+    sql = _list_programs_sql(status is not None, after is not None)
+    params = {
+        "status": status.value if status else None,
+        "after": after,
+        "limit": limit + 1,
+    }
+    cursor = await conn.execute(sql, params)
+    return _page(await cursor.fetchall(), limit, _program)
 
 
 async def page_token_key(conn: Conn) -> bytes:
@@ -1002,6 +1109,8 @@ def to_json(value: object) -> object:
         return value.value
     if isinstance(value, dict):
         return {key: to_json(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [to_json(item) for item in value]
     return value
 
 
@@ -1013,6 +1122,9 @@ def from_json(kind: type[T], data: object) -> T:
             return None  # type: ignore[return-value]
         (inner,) = [arg for arg in typing.get_args(kind) if arg is not type(None)]
         return from_json(inner, data)
+    if origin is list:
+        (item,) = typing.get_args(kind)
+        return [from_json(item, value) for value in data]  # type: ignore[return-value,union-attr]
     if is_dataclass(kind):
         hints = typing.get_type_hints(kind)
         return kind(**{name: from_json(hints[name], value) for name, value in data.items()})  # type: ignore[union-attr]

@@ -27,7 +27,7 @@ from sqlalchemy.engine import make_url
 
 from loyalty_service import db
 from loyalty_service.db import libpq_url
-from loyalty_service.pb import accounts_pb2_grpc, points_pb2_grpc
+from loyalty_service.pb import accounts_pb2_grpc, points_pb2_grpc, programs_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -192,6 +192,11 @@ def accounts(channel: grpc.Channel) -> accounts_pb2_grpc.LoyaltyAccountsStub:
 @pytest.fixture(scope="session")
 def points(channel: grpc.Channel) -> points_pb2_grpc.PointsLedgerStub:
     return points_pb2_grpc.PointsLedgerStub(channel)
+
+
+@pytest.fixture(scope="session")
+def programs(channel: grpc.Channel) -> programs_pb2_grpc.LoyaltyProgramsStub:
+    return programs_pb2_grpc.LoyaltyProgramsStub(channel)
 
 
 def find_violations(database_url: str) -> list[str]:

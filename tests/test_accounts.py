@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 from google.protobuf import field_mask_pb2
 
-from loyalty_service.pb import accounts_pb2, points_pb2
+from loyalty_service.pb import accounts_pb2, points_pb2, programs_pb2
 from tests.support import (
     ACTIVE,
     ADJUST,
@@ -326,21 +326,18 @@ def _list(account_id: str) -> points_pb2.ListPointsTransactionsRequest:
     return points_pb2.ListPointsTransactionsRequest(account=account_id)
 
 
-def test_merge_across_programs_is_refused(accounts, database_url):
-    import psycopg
-
-    from tests.conftest import libpq_url
-
-    with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
-        conn.execute(
-            "INSERT INTO programs (id, name) VALUES ('prog_other', 'Other')"
-            " ON CONFLICT (id) DO NOTHING"
+def test_merge_across_programs_is_refused(accounts, programs):
+    other = unique("prog_other")
+    programs.CreateProgram(
+        programs_pb2.CreateProgramRequest(
+            program=programs_pb2.Program(name="Other", currency="USD"), program_id=other
         )
+    )
     a = create_account(accounts)
     b = accounts.CreateAccount(
-        accounts_pb2.CreateAccountRequest(program="prog_other", customer=a.customer)
+        accounts_pb2.CreateAccountRequest(program=other, customer=a.customer)
     )
-    assert b.program == "prog_other", "one ACTIVE account per customer per program"
+    assert b.program == other, "one ACTIVE account per customer per program"
     found = fails(
         accounts.MergeAccounts,
         accounts_pb2.MergeAccountsRequest(source=a.id, target=b.id),
@@ -349,5 +346,5 @@ def test_merge_across_programs_is_refused(accounts, database_url):
     )
     assert (found.metadata["sourceProgram"], found.metadata["targetProgram"]) == (
         "prog_default",
-        "prog_other",
+        other,
     )
