@@ -479,12 +479,33 @@ def revised(account: Account, now: datetime, **changes: object) -> Account:
     return replace(account, **changes, update_time=now, version=account.version + 1)  # type: ignore[arg-type]
 
 
-def merged_target(target: Account, source: Account, now: datetime) -> Account:
+def tier_for(lifetime_points: int, tiers: list[Tier], current: str) -> str:
+    """The tier of an account with these lifetime points: the highest of the program's tiers
+    (in order of threshold) whose threshold they reach, but never one below `current`.
+
+    So tiers never demote: if a program's thresholds are raised later, its accounts keep the
+    tiers they reached. `current` ranks where it stands in `tiers`; a current tier the
+    program no longer has ranks below all of them (as "" does, the tier below the lowest
+    threshold). The posting statements in store.py implement the same rule in SQL.
+    """
+    reached = -1
+    for index, tier in enumerate(tiers):
+        if tier.lifetime_points <= lifetime_points:
+            reached = index
+    held = next((index for index, tier in enumerate(tiers) if tier.name == current), -1)
+    return tiers[reached].name if reached > held else current
+
+
+def merged_target(target: Account, source: Account, now: datetime, tiers: list[Tier]) -> Account:
+    """The target after the merge: it holds both accounts' points, and its tier follows its
+    lifetime points among its program's `tiers`."""
+    lifetime_points = target.lifetime_points + source.lifetime_points
     return revised(
         target,
         now,
         balance=target.balance + source.balance,
-        lifetime_points=target.lifetime_points + source.lifetime_points,
+        lifetime_points=lifetime_points,
+        tier=tier_for(lifetime_points, tiers, target.tier),
     )
 
 
@@ -559,6 +580,7 @@ class EventType(enum.StrEnum):
     ACCOUNT_CLOSED = "loyalty.account.closed"
     ACCOUNT_REOPENED = "loyalty.account.reopened"
     ACCOUNT_MERGED = "loyalty.account.merged"
+    ACCOUNT_TIER_CHANGED = "loyalty.account.tier_changed"
     TRANSACTION_CREATED = "points_transaction.created"
 
 

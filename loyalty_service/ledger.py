@@ -264,7 +264,9 @@ class Ledger:
                 status=AccountStatus.ACTIVE,
                 balance=0,
                 lifetime_points=0,
-                tier="",
+                # A tier from 0 lifetime points holds from the start (no tier_changed event:
+                # the account is created in it).
+                tier=domain.tier_for(0, found.tiers, ""),
                 metadata=metadata,
                 create_time=now,
                 update_time=now,
@@ -368,16 +370,19 @@ class Ledger:
             await store.reparent_transactions(conn, source_id, target_id)
             await store.record_merge(conn, source, target_id, after_seq, now)
             merged_source = domain.merged_source(source, target, now)
-            merged_target = domain.merged_target(target, source, now)
+            # The target's lifetime points grow: it may reach a higher tier of its program.
+            program = await store.get_program(conn, target.program)
+            assert program is not None  # accounts' programs are never deleted
+            merged_target = domain.merged_target(target, source, now, program.tiers)
             await store.save_account(conn, merged_source)
             await store.save_account(conn, merged_target)
-            await store.append_events(
-                conn,
-                [
-                    account_event(EventType.ACCOUNT_MERGED, merged_source),
-                    account_event(EventType.ACCOUNT_UPDATED, merged_target),
-                ],
-            )
+            merge_events = [
+                account_event(EventType.ACCOUNT_MERGED, merged_source),
+                account_event(EventType.ACCOUNT_UPDATED, merged_target),
+            ]
+            if merged_target.tier != target.tier:
+                merge_events.append(account_event(EventType.ACCOUNT_TIER_CHANGED, merged_target))
+            await store.append_events(conn, merge_events)
             return MergeResult(target=merged_target, source=merged_source)
 
         params = {"source": source_id, "target": target_id}

@@ -461,9 +461,44 @@ _ADD_REVERSED_AMOUNT = _sql(
 )
 
 
+def _tier_after_sql(lifetime_delta: str) -> str:
+    """The SET expression for an account's tier after a posting adds `lifetime_delta` to its
+    lifetime points; it mirrors domain.tier_for: the highest of its program's tiers whose
+    threshold the new lifetime points reach, if that ranks above the tier it holds (a tier
+    the program no longer has ranks below all). Only a posting that raises lifetime points
+    looks at the program's tiers at all; one on a program without tiers finds none."""
+    return f"""CASE WHEN {lifetime_delta} > 0 THEN coalesce((
+            SELECT reached.tier ->> 'name'
+            FROM programs AS p,
+                jsonb_array_elements(p.tiers) WITH ORDINALITY AS reached(tier, rank)
+            WHERE p.id = accounts.program_id
+              AND CAST(reached.tier ->> 'lifetime_points' AS bigint)
+                  <= accounts.lifetime_points + {lifetime_delta}
+              AND reached.rank > coalesce((
+                  SELECT held.rank
+                  FROM jsonb_array_elements(p.tiers) WITH ORDINALITY AS held(tier, rank)
+                  WHERE held.tier ->> 'name' = accounts.tier), 0)
+            ORDER BY reached.rank DESC LIMIT 1
+        ), accounts.tier) ELSE accounts.tier END"""
+
+
+# The account after an UPDATE, as to_json(Account) writes it: the snapshot of its
+# loyalty.account.tier_changed event (read back with from_json).
+_ACCOUNT_SNAPSHOT_SQL = """jsonb_build_object('id', accounts.id, 'program', accounts.program_id,
+            'customer', accounts.customer, 'status', accounts.status,
+            'balance', accounts.balance, 'lifetime_points', accounts.lifetime_points,
+            'tier', accounts.tier, 'metadata', accounts.metadata,
+            'create_time', accounts.create_time, 'update_time', accounts.update_time,
+            'merged_into', accounts.merged_into, 'version', accounts.version)"""
+# A tier_changed event's id: drawn from its transaction event's (random) id, in the
+# database, so that postings that promote no one draw nothing.
+_TIER_EVENT_ID_SQL = "'evt_' || substr(md5({event_id} || '.tier'), 1, 20)"
+
+
 def _post_transaction_sql(with_request_id: bool) -> str:
     """One statement that posts a transaction: lock the account, change its totals within
-    the bounds, insert the ledger row and, with a request id, remember it.
+    the bounds, promote it to the tier its lifetime points reach, insert the ledger row and,
+    with a request id, remember it.
 
     One round trip and its implicit transaction: the row lock is held only while PostgreSQL
     runs it. With a request id, a response already stored for it is returned instead (and
@@ -489,7 +524,10 @@ def _post_transaction_sql(with_request_id: bool) -> str:
         else ""
     )
     # The event log's head is the last lock taken (see append_events): after the key's
-    # insert, which may wait for a racing retry's.
+    # insert, which may wait for a racing retry's. It moves one position for the
+    # transaction's event, and one more for its tier_changed event when `moved` says the
+    # posting promoted the account (tier_snapshot is set then). No `--` comments in the SQL:
+    # the benchmark runs it through pgbench on one line.
     written_last = "saved" if with_request_id else "posted"
     prior_columns = (
         "(SELECT fingerprint FROM prior) AS prior_fingerprint,"
@@ -507,12 +545,15 @@ def _post_transaction_sql(with_request_id: bool) -> str:
         ), moved AS (
             UPDATE accounts SET balance = accounts.balance + :delta,
                 lifetime_points = accounts.lifetime_points + :lifetime_delta,
+                tier = {_tier_after_sql(":lifetime_delta")},
                 update_time = :create_time, version = accounts.version + 1
             FROM locked
             WHERE accounts.id = locked.id AND locked.status = 'ACTIVE'
               AND locked.balance + :delta BETWEEN :min_balance AND :max_balance
               {not_replayed}
-            RETURNING accounts.balance, accounts.program_id
+            RETURNING accounts.balance, accounts.program_id,
+                CASE WHEN accounts.tier <> locked.tier THEN {_ACCOUNT_SNAPSHOT_SQL}
+                END AS tier_snapshot
         ), posted AS (
             INSERT INTO points_transactions (id, account_id, original_account_id, type,
                 direction, amount, points_after, reason, origin_kind, origin_id, reverses_id,
@@ -522,15 +563,23 @@ def _post_transaction_sql(with_request_id: bool) -> str:
             FROM moved
             RETURNING points_after
         ){saved}, head AS (
-            UPDATE event_log_head SET position = event_log_head.position + 1
+            UPDATE event_log_head
+            SET position = event_log_head.position + (SELECT 1 + count(tier_snapshot) FROM moved)
             WHERE EXISTS (SELECT 1 FROM {written_last})
             RETURNING position
         ), logged AS (
             INSERT INTO events (position, id, type, create_time, program_id, account_id,
                 transaction_id, snapshot)
-            SELECT head.position, :event_id, '{EventType.TRANSACTION_CREATED}', :create_time,
-                moved.program_id, :account_id, :id, NULL
+            SELECT head.position - CAST(moved.tier_snapshot IS NOT NULL AS int), :event_id,
+                '{EventType.TRANSACTION_CREATED}', :create_time, moved.program_id, :account_id,
+                :id, NULL
             FROM head, moved
+            UNION ALL
+            SELECT head.position, {_TIER_EVENT_ID_SQL.format(event_id=":event_id")},
+                '{EventType.ACCOUNT_TIER_CHANGED}', :create_time, moved.program_id,
+                :account_id, NULL, moved.tier_snapshot
+            FROM head, moved
+            WHERE moved.tier_snapshot IS NOT NULL
         )
         SELECT {prior_columns} (SELECT points_after FROM posted) AS points_after, {columns}
         FROM (SELECT 1) AS one LEFT JOIN locked ON true
@@ -627,7 +676,7 @@ class BatchNotTaken(Exception):
 # trip and one commit. The batch goes as one JSON array, which costs the client one dump
 # where an array per column would cost one each.
 _POST_TRANSACTIONS = _sql(
-    sa.text("""
+    sa.text(f"""
     WITH request AS (
         SELECT * FROM jsonb_to_recordset(CAST(:postings AS jsonb)) AS r(
             idx int, id text, account_id text, type text, direction text, amount bigint,
@@ -642,7 +691,7 @@ _POST_TRANSACTIONS = _sql(
         -- A row that another transaction holds is skipped, not waited for: its posting is
         -- left for the caller to post alone. So a batch never waits on a row lock (only,
         -- rarely, on another transaction's insert of the same request key).
-        SELECT id, status FROM accounts
+        SELECT id, status, tier FROM accounts
         WHERE id = ANY (ARRAY(SELECT account_id FROM request))
         FOR UPDATE SKIP LOCKED
     ), moved AS (
@@ -651,13 +700,18 @@ _POST_TRANSACTIONS = _sql(
         -- once led the planner to scan the whole partial index of ACTIVE accounts.)
         UPDATE accounts SET balance = accounts.balance + request.delta,
             lifetime_points = accounts.lifetime_points + request.lifetime_delta,
+            tier = {_tier_after_sql("request.lifetime_delta")},
             update_time = request.create_time, version = accounts.version + 1
         FROM request
         WHERE accounts.id = ANY (ARRAY(SELECT id FROM locked WHERE status = 'ACTIVE'))
           AND accounts.id = request.account_id
           AND accounts.balance + request.delta BETWEEN request.min_balance AND request.max_balance
           AND NOT EXISTS (SELECT 1 FROM prior WHERE prior.idx = request.idx)
-        RETURNING request.idx, accounts.balance, accounts.program_id
+        RETURNING request.idx, accounts.balance, accounts.program_id,
+            -- Set when the posting promoted the account: its tier_changed snapshot.
+            CASE WHEN request.lifetime_delta > 0
+                AND accounts.tier <> (SELECT l.tier FROM locked AS l WHERE l.id = accounts.id)
+            THEN {_ACCOUNT_SNAPSHOT_SQL} END AS tier_snapshot
     ), posted AS (
         INSERT INTO points_transactions (id, account_id, original_account_id, type, direction,
             amount, points_after, reason, origin_kind, origin_id, reverses_id, reversed_amount,
@@ -674,19 +728,33 @@ _POST_TRANSACTIONS = _sql(
         -- for each other in one order, never in a cycle.
         ORDER BY r.key
         RETURNING key
+    ), logs AS (
+        -- The events to write, in position order: each posting's points_transaction.created
+        -- in idx order, each followed by its tier_changed when it promoted its account.
+        SELECT r.idx, 0 AS sub, r.event_id AS id, '{EventType.TRANSACTION_CREATED}' AS type,
+            r.create_time, moved.program_id, r.account_id, r.id AS transaction_id,
+            CAST(NULL AS jsonb) AS snapshot
+        FROM moved JOIN request AS r USING (idx)
+        UNION ALL
+        SELECT r.idx, 1, {_TIER_EVENT_ID_SQL.format(event_id="r.event_id")},
+            '{EventType.ACCOUNT_TIER_CHANGED}', r.create_time, moved.program_id, r.account_id,
+            NULL, moved.tier_snapshot
+        FROM moved JOIN request AS r USING (idx)
+        WHERE moved.tier_snapshot IS NOT NULL
     ), head AS (
         -- The event log's head is the last lock taken (see append_events): after the keys'
-        -- inserts, which may wait for a racing retry's.
-        UPDATE event_log_head SET position = event_log_head.position + (SELECT count(*) FROM moved)
+        -- inserts, which may wait for a racing retry's. One position per event written.
+        UPDATE event_log_head SET position = event_log_head.position + (SELECT count(*) FROM logs)
         WHERE EXISTS (SELECT 1 FROM moved) AND (SELECT count(*) FROM saved) >= 0
         RETURNING position
     ), logged AS (
         INSERT INTO events (position, id, type, create_time, program_id, account_id,
             transaction_id, snapshot)
-        SELECT head.position - (SELECT count(*) FROM moved) + row_number() OVER (ORDER BY r.idx),
-            r.event_id, 'points_transaction.created', r.create_time, moved.program_id,
-            r.account_id, r.id, NULL
-        FROM head, moved JOIN request AS r USING (idx)
+        SELECT head.position - (SELECT count(*) FROM logs)
+                + row_number() OVER (ORDER BY logs.idx, logs.sub),
+            logs.id, logs.type, logs.create_time, logs.program_id, logs.account_id,
+            logs.transaction_id, logs.snapshot
+        FROM head, logs
     )
     SELECT request.idx, moved.balance AS points_after, prior.fingerprint AS prior_fingerprint,
            prior.response AS prior_response

@@ -106,12 +106,43 @@ def test_reversal_amounts():
 def test_merge_rules():
     other = replace(ACCOUNT, id="loy_" + "b" * 20, balance=5, lifetime_points=7)
     domain.check_merge(ACCOUNT, other)
-    assert domain.merged_target(other, ACCOUNT, NOW).balance == 105
-    assert domain.merged_target(other, ACCOUNT, NOW).lifetime_points == 157
+    assert domain.merged_target(other, ACCOUNT, NOW, []).balance == 105
+    assert domain.merged_target(other, ACCOUNT, NOW, []).lifetime_points == 157
     with pytest.raises(domain.ProgramMismatch):
         domain.check_merge(ACCOUNT, replace(other, program="prog_other"))
     with pytest.raises(domain.AccountNotActive):
         domain.check_merge(ACCOUNT, replace(other, status=AccountStatus.CLOSED))
+
+
+TIERS = [domain.Tier("silver", 100), domain.Tier("gold", 500), domain.Tier("platinum", 2000)]
+
+
+def test_the_tier_is_the_highest_whose_threshold_the_lifetime_points_reach():
+    assert domain.tier_for(99, TIERS, "") == ""
+    assert domain.tier_for(100, TIERS, "") == "silver"  # exactly at the threshold
+    assert domain.tier_for(499, TIERS, "silver") == "silver"
+    assert domain.tier_for(2500, TIERS, "") == "platinum"  # two tiers at once
+    assert domain.tier_for(10**9, [], "") == ""  # a program without tiers
+
+
+def test_tiers_never_demote():
+    # Thresholds raised after the account reached gold: it keeps gold ...
+    raised = [domain.Tier("silver", 1000), domain.Tier("gold", 5000)]
+    assert domain.tier_for(600, raised, "gold") == "gold"
+    assert domain.tier_for(1200, raised, "gold") == "gold"
+    # ... and still rises when it reaches a higher one.
+    assert domain.tier_for(5000, raised, "gold") == "gold"
+    assert domain.tier_for(2500, TIERS, "gold") == "platinum"
+    # A tier the program no longer has ranks below all of its tiers.
+    assert domain.tier_for(50, TIERS, "bronze") == "bronze"
+    assert domain.tier_for(150, TIERS, "bronze") == "silver"
+
+
+def test_a_merge_promotes_its_target():
+    source = replace(ACCOUNT, lifetime_points=400)
+    target = replace(ACCOUNT, id="loy_" + "b" * 20, lifetime_points=150, tier="silver")
+    merged = domain.merged_target(target, source, NOW, TIERS)
+    assert (merged.lifetime_points, merged.tier, merged.version) == (550, "gold", 2)
 
 
 def test_new_ids():
