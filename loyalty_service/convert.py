@@ -84,7 +84,7 @@ class Violations:
         if not value:
             if required:
                 self.add(field_path, "is required")
-        elif not pattern.match(value):
+        elif not pattern.fullmatch(value):  # not match: `$` also matches before a "\n"
             self.add(field_path, f"is not a valid id (expected {pattern.pattern})")
         return value
 
@@ -191,7 +191,7 @@ def _program_name(v: Violations, field_path: str, value: str) -> str:
 def _currency(v: Violations, field_path: str, value: str) -> str:
     if not value:
         v.add(field_path, "is required")
-    elif not domain.CURRENCY.match(value):
+    elif not domain.CURRENCY.fullmatch(value):
         v.add(field_path, "must be an ISO 4217 code: three uppercase letters")
     return value
 

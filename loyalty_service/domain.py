@@ -479,20 +479,27 @@ def revised(account: Account, now: datetime, **changes: object) -> Account:
     return replace(account, **changes, update_time=now, version=account.version + 1)  # type: ignore[arg-type]
 
 
-def tier_for(lifetime_points: int, tiers: list[Tier], current: str) -> str:
-    """The tier of an account with these lifetime points: the highest of the program's tiers
-    (in order of threshold) whose threshold they reach, but never one below `current`.
+def tier_for(lifetime_before: int, lifetime_points: int, tiers: list[Tier], current: str) -> str:
+    """The tier of an account whose lifetime points went from `lifetime_before` to
+    `lifetime_points`: the highest of the program's tiers (in order of threshold) whose
+    threshold they reach, but never one below `current`.
 
     So tiers never demote: if a program's thresholds are raised later, its accounts keep the
-    tiers they reached. `current` ranks where it stands in `tiers`; a current tier the
-    program no longer has ranks below all of them (as "" does, the tier below the lowest
-    threshold). The posting statements in store.py implement the same rule in SQL.
+    tiers they reached. `current` ranks where it stands in `tiers` ("" below them all). A
+    current tier the program no longer has (renamed or removed) cannot be ranked, so it is
+    kept until the points cross a threshold: only a tier whose threshold lies above
+    `lifetime_before` replaces it. The posting statements in store.py implement the same
+    rule in SQL.
     """
+    names = [tier.name for tier in tiers]
+    held = names.index(current) if current in names else -1
+    unknown = current != "" and held == -1
     reached = -1
     for index, tier in enumerate(tiers):
-        if tier.lifetime_points <= lifetime_points:
+        if tier.lifetime_points <= lifetime_points and (
+            not unknown or tier.lifetime_points > lifetime_before
+        ):
             reached = index
-    held = next((index for index, tier in enumerate(tiers) if tier.name == current), -1)
     return tiers[reached].name if reached > held else current
 
 
@@ -505,7 +512,9 @@ def merged_target(target: Account, source: Account, now: datetime, tiers: list[T
         now,
         balance=target.balance + source.balance,
         lifetime_points=lifetime_points,
-        tier=tier_for(lifetime_points, tiers, target.tier),
+        tier=tier_for(target.lifetime_points, lifetime_points, tiers, target.tier)
+        if source.lifetime_points
+        else target.tier,  # no change of lifetime points, no change of tier
     )
 
 

@@ -266,7 +266,7 @@ class Ledger:
                 lifetime_points=0,
                 # A tier from 0 lifetime points holds from the start (no tier_changed event:
                 # the account is created in it).
-                tier=domain.tier_for(0, found.tiers, ""),
+                tier=domain.tier_for(0, 0, found.tiers, ""),
                 metadata=metadata,
                 create_time=now,
                 update_time=now,

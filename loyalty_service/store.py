@@ -208,7 +208,7 @@ def _program(row: Row) -> Program:
         name=row.name,
         currency=row.currency,
         auto_enroll=row.auto_enroll,
-        tiers=[Tier(t["name"], t["lifetime_points"]) for t in row.tiers],
+        tiers=[Tier(t["name"], int(t["lifetime_points"])) for t in row.tiers],
         status=ProgramStatus(row.status),
         create_time=row.create_time,
         update_time=row.update_time,
@@ -478,6 +478,13 @@ def _tier_after_sql(lifetime_delta: str) -> str:
                   SELECT held.rank
                   FROM jsonb_array_elements(p.tiers) WITH ORDINALITY AS held(tier, rank)
                   WHERE held.tier ->> 'name' = accounts.tier), 0)
+              -- A held tier the program no longer has gives way only to a threshold this
+              -- posting crosses (accounts.lifetime_points is the value before it).
+              AND (accounts.tier = ''
+                   OR EXISTS (SELECT 1 FROM jsonb_array_elements(p.tiers) AS known(tier)
+                              WHERE known.tier ->> 'name' = accounts.tier)
+                   OR CAST(reached.tier ->> 'lifetime_points' AS bigint)
+                      > accounts.lifetime_points)
             ORDER BY reached.rank DESC LIMIT 1
         ), accounts.tier) ELSE accounts.tier END"""
 

@@ -118,24 +118,28 @@ TIERS = [domain.Tier("silver", 100), domain.Tier("gold", 500), domain.Tier("plat
 
 
 def test_the_tier_is_the_highest_whose_threshold_the_lifetime_points_reach():
-    assert domain.tier_for(99, TIERS, "") == ""
-    assert domain.tier_for(100, TIERS, "") == "silver"  # exactly at the threshold
-    assert domain.tier_for(499, TIERS, "silver") == "silver"
-    assert domain.tier_for(2500, TIERS, "") == "platinum"  # two tiers at once
-    assert domain.tier_for(10**9, [], "") == ""  # a program without tiers
+    assert domain.tier_for(0, 99, TIERS, "") == ""
+    assert domain.tier_for(0, 100, TIERS, "") == "silver"  # exactly at the threshold
+    assert domain.tier_for(0, 499, TIERS, "silver") == "silver"
+    assert domain.tier_for(0, 2500, TIERS, "") == "platinum"  # two tiers at once
+    assert domain.tier_for(0, 10**9, [], "") == ""  # a program without tiers
 
 
 def test_tiers_never_demote():
     # Thresholds raised after the account reached gold: it keeps gold ...
     raised = [domain.Tier("silver", 1000), domain.Tier("gold", 5000)]
-    assert domain.tier_for(600, raised, "gold") == "gold"
-    assert domain.tier_for(1200, raised, "gold") == "gold"
+    assert domain.tier_for(0, 600, raised, "gold") == "gold"
+    assert domain.tier_for(0, 1200, raised, "gold") == "gold"
     # ... and still rises when it reaches a higher one.
-    assert domain.tier_for(5000, raised, "gold") == "gold"
-    assert domain.tier_for(2500, TIERS, "gold") == "platinum"
-    # A tier the program no longer has ranks below all of its tiers.
-    assert domain.tier_for(50, TIERS, "bronze") == "bronze"
-    assert domain.tier_for(150, TIERS, "bronze") == "silver"
+    assert domain.tier_for(0, 5000, raised, "gold") == "gold"
+    assert domain.tier_for(0, 2500, TIERS, "gold") == "platinum"
+    # A tier the program no longer has (renamed, removed) is kept until the points cross a
+    # threshold: then the highest tier crossed replaces it.
+    assert domain.tier_for(0, 50, TIERS, "bronze") == "bronze"
+    assert domain.tier_for(0, 150, TIERS, "bronze") == "silver"
+    without_gold = [domain.Tier("silver", 100), domain.Tier("platinum", 2000)]
+    assert domain.tier_for(600, 601, without_gold, "gold") == "gold"  # crosses nothing
+    assert domain.tier_for(1999, 2000, without_gold, "gold") == "platinum"
 
 
 def test_a_merge_promotes_its_target():

@@ -330,3 +330,24 @@ def test_migration_0004_admits_tier_changed_events_and_goes_down_again(databases
         conn.execute(insert, [1, TIER_CHANGED])
         with pytest.raises(psycopg.errors.CheckViolation):
             conn.execute(insert, [2, "loyalty.account.nope"])
+
+
+def test_a_removed_tier_is_kept_until_a_threshold_is_crossed(accounts, points, programs):
+    a = member(accounts, programs)
+    post(points, a.id, EARN, 600)  # gold
+    programs.UpdateProgram(
+        programs_pb2.UpdateProgramRequest(
+            program=programs_pb2.Program(
+                id=a.program,
+                tiers=[
+                    programs_pb2.Tier(name="silver", lifetime_points=100),
+                    programs_pb2.Tier(name="platinum", lifetime_points=2000),
+                ],
+            ),
+            update_mask=field_mask_pb2.FieldMask(paths=["tiers"]),
+        )
+    )
+    post(points, a.id, EARN, 1)  # 601: silver's threshold is below, but it crossed none
+    assert get(accounts, a.id).tier == "gold"
+    post(points, a.id, EARN, 1399)  # 2000: crosses platinum's
+    assert get(accounts, a.id).tier == "platinum"
