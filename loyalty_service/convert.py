@@ -183,7 +183,7 @@ PROGRAM_PATHS = ("name", "currency", "auto_enroll", "tiers", "status")
 
 
 def _program_name(v: Violations, field_path: str, value: str) -> str:
-    if not value:
+    if not value.strip():
         v.add(field_path, "is required")
     return v.text(field_path, value, domain.MAX_PROGRAM_NAME_LENGTH)
 

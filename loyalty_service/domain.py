@@ -301,8 +301,9 @@ class EventPositionAhead(OutOfRange):
 
 
 def tier_violations(field_path: str, tiers: list[Tier]) -> list[FieldViolation]:
-    """What is wrong with a program's tiers: at most MAX_TIERS, names 1 to 40 characters and
-    unique, thresholds at least 0 and strictly increasing (so each member is in one tier)."""
+    """What is wrong with a program's tiers: at most MAX_TIERS, names 1 to 40 characters, not
+    blank and unique ignoring case (members and staff read "Gold" and "gold" as one tier),
+    thresholds at least 0 and strictly increasing (so each member is in one tier)."""
     found = []
     if len(tiers) > MAX_TIERS:
         found.append(FieldViolation(field_path, f"has more than {MAX_TIERS} tiers"))
@@ -315,9 +316,11 @@ def tier_violations(field_path: str, tiers: list[Tier]) -> list[FieldViolation]:
             )
         elif "\x00" in tier.name:
             found.append(FieldViolation(f"{path}.name", "must not contain the character U+0000"))
-        elif tier.name in seen:
+        elif not tier.name.strip():
+            found.append(FieldViolation(f"{path}.name", "must not be blank"))
+        elif tier.name.casefold() in seen:
             found.append(FieldViolation(f"{path}.name", f"repeats the tier name {tier.name!r}"))
-        seen.add(tier.name)
+        seen.add(tier.name.casefold())
         if tier.lifetime_points < 0:
             found.append(FieldViolation(f"{path}.lifetime_points", "must not be negative"))
         elif index and tier.lifetime_points <= tiers[index - 1].lifetime_points:

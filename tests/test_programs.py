@@ -225,6 +225,15 @@ TIER_NAME = "must be 1 to 40 characters"
         ("", {"tiers": tiers(("", 0))}, {"program.tiers[0].name": TIER_NAME}),
         ("", {"tiers": tiers(("t" * 41, 0))}, {"program.tiers[0].name": TIER_NAME}),
         ("", {"tiers": tiers(("a\x00", 0))}, {"program.tiers[0].name": NUL}),
+        ("", {"tiers": tiers(("  ", 0))}, {"program.tiers[0].name": "must not be blank"}),
+        ("", {"name": "   "}, {"program.name": "is required"}),
+        ("", {"currency": "EUR\n"}, {"program.currency": BAD_CURRENCY}),
+        ("prog_x\n", {}, {"program_id": BAD_ID}),
+        (
+            "",
+            {"tiers": tiers(("Gold", 0), ("gold", 10))},
+            {"program.tiers[1].name": "repeats the tier name 'gold'"},
+        ),
         (
             "",
             {"tiers": tiers(("Gold", 0), ("Gold", 10))},
