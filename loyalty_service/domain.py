@@ -651,16 +651,19 @@ class EventFilter:
         )
 
 
+def position_expired(after: int, oldest: int) -> EventPositionExpired:
+    return EventPositionExpired(
+        f"events after position {after} are no longer retained; the oldest retained is {oldest}",
+        position=after,
+        oldestPosition=oldest,
+    )
+
+
 def check_position(after: int, oldest: int, newest: int) -> None:
     """A stream or list may start after any position from just before the oldest retained
     event up to the newest: anything else would skip events silently."""
     if after < oldest - 1:
-        raise EventPositionExpired(
-            f"events after position {after} are no longer retained; the oldest retained"
-            f" is {oldest}",
-            position=after,
-            oldestPosition=oldest,
-        )
+        raise position_expired(after, oldest)
     if after > newest:
         raise EventPositionAhead(
             f"position {after} is past the newest event, {newest}",

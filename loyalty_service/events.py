@@ -70,9 +70,6 @@ class Encoded:
         return cls([e.position for e in events], fields, sum(map(len, fields)))
 
 
-NOTHING = Encoded([], [], 0)
-
-
 @dataclass(frozen=True)
 class Batch:
     """What a stream sends in one response: encoded events (`parts`, to be joined) and the
@@ -188,7 +185,6 @@ class EventFeed:
         self.encode = encode
         # Every event up to here has been offered to every subscription in the feed.
         self.head = 0
-        self.listening = False
         self._subscriptions: set[Subscription] = set()
         self._wake = asyncio.Event()
         # Catch-up reads share the pool with the writes: at most half of it at a time.
@@ -291,7 +287,7 @@ class EventFeed:
                 # Retention pruned events nobody here has read: no subscriber may go on as if
                 # it had them. (Only a feed that fell a whole retention period behind.)
                 for subscription in self._subscriptions:
-                    subscription.end(_expired(self.head, page.oldest))
+                    subscription.end(domain.position_expired(self.head, page.oldest))
                 self._subscriptions.clear()
                 self.head = page.oldest - 1
                 return
@@ -326,7 +322,7 @@ class EventFeed:
 
     def _matching(self, where: EventFilter, events: list[Event]) -> Encoded:
         matching = [e for e in events if where.matches(e)]
-        return Encoded.of(matching, self.encode) if matching else NOTHING
+        return Encoded.of(matching, self.encode)
 
     async def _listen(self) -> None:
         """LISTENs on its own connection; wakes the reader on every notification, and once
@@ -340,24 +336,13 @@ class EventFeed:
                 )
                 async with conn:
                     await store.listen_for_events(conn)
-                    self.listening = True
                     self._wake.set()
                     async for _ in conn.notifies():
                         self._wake.set()
             except Exception as error:  # reconnect; meanwhile the reader polls
                 log.warning("event notifications lost, reconnecting: %s", error)
-            finally:
-                self.listening = False
             await asyncio.sleep(min(self.settings.poll_interval, 1.0))
 
 
 def _stopping() -> ServerStopping:
     return ServerStopping("the server is stopping; resume on another replica")
-
-
-def _expired(after: int, oldest: int) -> domain.EventPositionExpired:
-    return domain.EventPositionExpired(
-        f"events after position {after} are no longer retained",
-        position=after,
-        oldestPosition=oldest,
-    )
