@@ -227,6 +227,20 @@ class PointsLedger(points_pb2_grpc.PointsLedgerServicer):
         )
 
     @translated
+    async def RecordPayment(
+        self, request: points_pb2.RecordPaymentRequest, context: Context
+    ) -> points_pb2.RecordPaymentResponse:
+        result = await self.ledger.record_payment(convert.new_payment(request))
+        return convert.payment_result_pb(result)
+
+    @translated
+    async def RecordRefund(
+        self, request: points_pb2.RecordRefundRequest, context: Context
+    ) -> points_pb2.RecordRefundResponse:
+        result = await self.ledger.record_refund(convert.new_refund(request))
+        return convert.refund_result_pb(result)
+
+    @translated
     async def ReversePointsTransaction(
         self, request: points_pb2.ReversePointsTransactionRequest, context: Context
     ) -> points_pb2.PointsTransaction:

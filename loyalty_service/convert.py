@@ -21,18 +21,26 @@ from .domain import (
     Account,
     AccountStatus,
     Direction,
+    EarningRule,
     Event,
     EventFilter,
     EventType,
     FieldViolation,
     InvalidArgument,
+    NewPayment,
     NewProgram,
+    NewRefund,
     OriginKind,
+    PaymentOutcome,
+    PaymentResult,
     PointsTransaction,
     Program,
     ProgramChanges,
     ProgramStatus,
+    RefundResult,
+    RuleTrigger,
     Tier,
+    TierMultiplier,
     TransactionType,
 )
 from .pb import accounts_pb2, events_pb2, points_pb2, programs_pb2
@@ -57,6 +65,16 @@ _ORIGIN_TO_PB = {k: OriginPb.Kind.Value(f"KIND_{k.value}") for k in OriginKind}
 _ORIGIN_FROM_PB = {v: k for k, v in _ORIGIN_TO_PB.items()}
 _PROGRAM_STATUS_TO_PB = {s: ProgramPb.Status.Value(f"STATUS_{s.value}") for s in ProgramStatus}
 _PROGRAM_STATUS_FROM_PB = {v: k for k, v in _PROGRAM_STATUS_TO_PB.items()}
+RulePb = programs_pb2.EarningRule
+_TRIGGER_TO_PB = {
+    RuleTrigger.PAYMENT_COMPLETED: RulePb.TRIGGER_PAYMENT_COMPLETED,
+    RuleTrigger.ACCOUNT_CREATED: RulePb.TRIGGER_ACCOUNT_CREATED,
+}
+_TRIGGER_FROM_PB = {v: k for k, v in _TRIGGER_TO_PB.items()}
+PaymentPb = points_pb2.Payment
+_OUTCOME_TO_PB = {o: PaymentPb.Outcome.Value(f"OUTCOME_{o.value}") for o in PaymentOutcome}
+# Origins only the service writes.
+_RESERVED_ORIGINS = (OriginKind.MERGE, OriginKind.REFUND)
 
 
 # PostgreSQL text cannot hold U+0000, so a string with one could never be stored.
@@ -159,8 +177,8 @@ def new_transaction(request: points_pb2.CreatePointsTransactionRequest) -> domai
     amount = v.amount("amount", request.amount)
     reason = v.text("reason", request.reason, domain.MAX_REASON_LENGTH)
     origin_kind = v.enum("origin.kind", request.origin.kind, _ORIGIN_FROM_PB, required=False)
-    if origin_kind is OriginKind.MERGE:
-        v.add("origin.kind", "MERGE is reserved for the service")
+    if origin_kind in _RESERVED_ORIGINS:
+        v.add("origin.kind", f"{origin_kind} is reserved for the service")
     origin_id = v.text("origin.id", request.origin.id, domain.MAX_ORIGIN_ID_LENGTH)
     metadata = v.metadata("metadata", request.metadata)
     v.request_id(request.request_id)
@@ -179,7 +197,7 @@ def new_transaction(request: points_pb2.CreatePointsTransactionRequest) -> domai
 
 
 # The fields UpdateProgram may change (AIP-134 paths).
-PROGRAM_PATHS = ("name", "currency", "auto_enroll", "tiers", "status")
+PROGRAM_PATHS = ("name", "currency", "auto_enroll", "tiers", "earning_rules", "status")
 
 
 def _program_name(v: Violations, field_path: str, value: str) -> str:
@@ -202,6 +220,39 @@ def _tiers(v: Violations, field_path: str, values: Sequence[programs_pb2.Tier]) 
     return tiers
 
 
+def _optional_time(value: Timestamp, is_set: bool) -> datetime | None:
+    return value.ToDatetime(tzinfo=UTC) if is_set else None
+
+
+def _rules(
+    v: Violations, field_path: str, values: Sequence[programs_pb2.EarningRule]
+) -> list[EarningRule]:
+    """The rules as asked for; what they say is checked by domain.rule_violations, against
+    the tiers the program will have."""
+    rules = []
+    for index, rule in enumerate(values):
+        path = f"{field_path}[{index}]"
+        v.id(f"{path}.id", rule.id, domain.RULE_ID, required=False)
+        trigger = v.enum(f"{path}.trigger", rule.trigger, _TRIGGER_FROM_PB, required=True)
+        rules.append(
+            EarningRule(
+                trigger=trigger or RuleTrigger.PAYMENT_COMPLETED,
+                name=rule.name,
+                points_per_unit=rule.points_per_unit,
+                min_amount=rule.min_amount,
+                max_points=rule.max_points,
+                tier_multipliers=[
+                    TierMultiplier(m.tier, m.multiplier) for m in rule.tier_multipliers
+                ],
+                start_time=_optional_time(rule.start_time, rule.HasField("start_time")),
+                end_time=_optional_time(rule.end_time, rule.HasField("end_time")),
+                points=rule.points,
+                id=rule.id,
+            )
+        )
+    return rules
+
+
 def new_program(request: programs_pb2.CreateProgramRequest) -> tuple[str | None, NewProgram]:
     """The id asked for (None: generate one) and the program to create."""
     v = Violations()
@@ -211,6 +262,11 @@ def new_program(request: programs_pb2.CreateProgramRequest) -> tuple[str | None,
     currency = _currency(v, "program.currency", program.currency)
     tiers = _tiers(v, "program.tiers", program.tiers)
     status = v.enum("program.status", program.status, _PROGRAM_STATUS_FROM_PB, required=False)
+    rules = _rules(v, "program.earning_rules", program.earning_rules)
+    for index, rule in enumerate(rules):
+        if rule.id:
+            v.add(f"program.earning_rules[{index}].id", "is output only: must be empty")
+    v.found.extend(domain.rule_violations("program.earning_rules", rules, tiers))
     v.request_id(request.request_id)
     v.raise_if_any()
     new = NewProgram(
@@ -219,6 +275,7 @@ def new_program(request: programs_pb2.CreateProgramRequest) -> tuple[str | None,
         auto_enroll=program.auto_enroll,
         tiers=tiers,
         status=status or ProgramStatus.ACTIVE,
+        earning_rules=rules,
     )
     return program_id or None, new
 
@@ -237,6 +294,7 @@ def program_changes(request: programs_pb2.UpdateProgramRequest) -> tuple[str, Pr
             "currency": bool(program.currency),
             "auto_enroll": program.auto_enroll,
             "tiers": bool(program.tiers),
+            "earning_rules": bool(program.earning_rules),
             "status": program.status != 0,
         }
         paths = {path for path, is_set in set_fields.items() if is_set}
@@ -251,6 +309,9 @@ def program_changes(request: programs_pb2.UpdateProgramRequest) -> tuple[str, Pr
         else None,
         auto_enroll=program.auto_enroll if "auto_enroll" in paths else None,
         tiers=_tiers(v, "program.tiers", program.tiers) if "tiers" in paths else None,
+        earning_rules=_rules(v, "program.earning_rules", program.earning_rules)
+        if "earning_rules" in paths
+        else None,
         status=v.enum("program.status", program.status, _PROGRAM_STATUS_FROM_PB, required=True)
         if "status" in paths
         else None,
@@ -260,6 +321,46 @@ def program_changes(request: programs_pb2.UpdateProgramRequest) -> tuple[str, Pr
         v.add("update_mask", "names nothing to update")
     v.raise_if_any()
     return program_id, changes
+
+
+def new_payment(request: points_pb2.RecordPaymentRequest) -> NewPayment:
+    v = Violations()
+    payment_id = _external_id(v, "payment_id", request.payment_id)
+    program = v.id("program", request.program, domain.PROGRAM_ID)
+    customer_ = customer(v, "customer", request.customer)
+    if not 1 <= request.amount <= domain.MAX_PAYMENT_AMOUNT:
+        v.add("amount", f"must be between 1 and {domain.MAX_PAYMENT_AMOUNT} (minor units)")
+    currency = _currency(v, "currency", request.currency)
+    if not request.HasField("occurred_at"):
+        v.add("occurred_at", "is required")
+    metadata = v.metadata("metadata", request.metadata)
+    v.raise_if_any()
+    return NewPayment(
+        id=payment_id,
+        program=program,
+        customer=customer_,
+        amount=request.amount,
+        currency=currency,
+        occurred_at=request.occurred_at.ToDatetime(tzinfo=UTC),
+        metadata=metadata,
+    )
+
+
+def new_refund(request: points_pb2.RecordRefundRequest) -> NewRefund:
+    v = Violations()
+    refund_id = _external_id(v, "refund_id", request.refund_id)
+    payment_id = _external_id(v, "payment_id", request.payment_id)
+    if not 1 <= request.amount <= domain.MAX_PAYMENT_AMOUNT:
+        v.add("amount", f"must be between 1 and {domain.MAX_PAYMENT_AMOUNT} (minor units)")
+    v.raise_if_any()
+    return NewRefund(id=refund_id, payment_id=payment_id, amount=request.amount)
+
+
+def _external_id(v: Violations, field_path: str, value: str) -> str:
+    """An id from another system (a payment's, a refund's): required, at most 255 characters."""
+    if not value:
+        v.add(field_path, "is required")
+    return v.text(field_path, value, domain.MAX_PAYMENT_ID_LENGTH)
 
 
 def program_status_filter(request: programs_pb2.ListProgramsRequest) -> ProgramStatus | None:
@@ -339,6 +440,62 @@ def program_pb(program: Program) -> programs_pb2.Program:
         status=_PROGRAM_STATUS_TO_PB[program.status],
         create_time=timestamp(program.create_time),
         update_time=timestamp(program.update_time),
+        earning_rules=[_rule_pb(rule) for rule in program.earning_rules],
+    )
+
+
+def _rule_pb(rule: EarningRule) -> programs_pb2.EarningRule:
+    return programs_pb2.EarningRule(
+        id=rule.id,
+        version=rule.version,
+        name=rule.name,
+        trigger=_TRIGGER_TO_PB[rule.trigger],
+        points_per_unit=rule.points_per_unit,
+        min_amount=rule.min_amount,
+        max_points=rule.max_points,
+        tier_multipliers=[
+            programs_pb2.TierMultiplier(tier=m.tier, multiplier=m.multiplier)
+            for m in rule.tier_multipliers
+        ],
+        start_time=timestamp(rule.start_time) if rule.start_time else None,
+        end_time=timestamp(rule.end_time) if rule.end_time else None,
+        points=rule.points,
+    )
+
+
+def payment_result_pb(result: PaymentResult) -> points_pb2.RecordPaymentResponse:
+    payment = result.payment
+    return points_pb2.RecordPaymentResponse(
+        payment=points_pb2.Payment(
+            id=payment.id,
+            program=payment.program,
+            customer=payment.customer or "",
+            amount=payment.amount,
+            currency=payment.currency,
+            occurred_at=timestamp(payment.occurred_at),
+            metadata=payment.metadata,
+            outcome=_OUTCOME_TO_PB[payment.outcome],
+            account=payment.account or "",
+            enrolled=payment.enrolled,
+            create_time=timestamp(payment.create_time),
+        ),
+        points_transactions=[transaction_pb(ptx) for ptx in result.transactions],
+        account=account_pb(result.account) if result.account else None,
+    )
+
+
+def refund_result_pb(result: RefundResult) -> points_pb2.RecordRefundResponse:
+    refund = result.refund
+    return points_pb2.RecordRefundResponse(
+        refund=points_pb2.Refund(
+            id=refund.id,
+            payment_id=refund.payment_id,
+            amount=refund.amount,
+            refunded_amount=refund.refunded_amount,
+            create_time=timestamp(refund.create_time),
+        ),
+        points_transactions=[transaction_pb(ptx) for ptx in result.transactions],
+        account=account_pb(result.account) if result.account else None,
     )
 
 
@@ -373,6 +530,8 @@ def transaction_pb(ptx: PointsTransaction) -> points_pb2.PointsTransaction:
         original_account=ptx.original_account or "",
         metadata=ptx.metadata,
         create_time=timestamp(ptx.create_time),
+        rule=ptx.rule or "",
+        rule_version=ptx.rule_version or 0,
     )
 
 

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from psycopg import AsyncConnection, IsolationLevel
 from psycopg.rows import namedtuple_row
 from psycopg_pool import AsyncConnectionPool
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.engine import make_url
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,8 @@ programs = sa.Table(
     sa.Column("status", sa.Text, nullable=False, server_default="ACTIVE"),
     sa.Column("create_time", sa.DateTime(timezone=True), nullable=False, server_default=NOW),
     sa.Column("update_time", sa.DateTime(timezone=True), nullable=False),
+    # [EarningRule as JSON (store.to_json), ...] in the order they apply.
+    sa.Column("earning_rules", JSONB, nullable=False, server_default=sa.text("'[]'::jsonb")),
     sa.CheckConstraint("status IN ('ACTIVE', 'ARCHIVED')", name="status"),
 )
 
@@ -99,6 +101,9 @@ points_transactions = sa.Table(
     sa.Column("reversed_amount", sa.BigInteger, nullable=False),
     sa.Column("metadata", JSONB, nullable=False),
     sa.Column("create_time", sa.DateTime(timezone=True), nullable=False),
+    # For an earn credited by an earning rule: the rule and its version then.
+    sa.Column("rule_id", sa.Text),
+    sa.Column("rule_version", sa.Integer),
     sa.CheckConstraint("amount > 0", name="amount"),
     sa.CheckConstraint("reversed_amount BETWEEN 0 AND amount", name="reversed_amount"),
     sa.CheckConstraint("type IN ('EARN', 'REDEEM', 'ADJUST', 'REVERSE', 'EXPIRE')", name="type"),
@@ -119,6 +124,45 @@ account_merges = sa.Table(
     # The highest transaction seq of either account when the merge took both locks.
     sa.Column("after_seq", sa.BigInteger, nullable=False),
     sa.Column("create_time", sa.DateTime(timezone=True), nullable=False),
+)
+
+# Payments, kept for good: the payment id is their exactly-once key, and refunds find the
+# earns to reverse through it. A row is inserted first (claiming the id) and completed with
+# its outcome in the same transaction.
+payments = sa.Table(
+    "payments",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("program_id", sa.Text, sa.ForeignKey("programs.id"), nullable=False),
+    sa.Column("customer", sa.Text),
+    sa.Column("amount", sa.BigInteger, nullable=False),  # minor units
+    sa.Column("currency", sa.Text, nullable=False),
+    sa.Column("occurred_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("metadata", JSONB, nullable=False),
+    sa.Column("fingerprint", sa.Text, nullable=False),
+    sa.Column("outcome", sa.Text),
+    sa.Column("account_id", sa.Text, sa.ForeignKey("accounts.id")),
+    # The EARN transactions of its payment rules (not a welcome bonus), which refunds reverse.
+    sa.Column("earn_ids", ARRAY(sa.Text), nullable=False, server_default="{}"),
+    # Sum of its refunds; guarded by this row's lock.
+    sa.Column("refunded_amount", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("response", JSONB),
+    sa.Column("create_time", sa.DateTime(timezone=True), nullable=False),
+    sa.CheckConstraint("amount > 0", name="amount"),
+    sa.CheckConstraint("refunded_amount BETWEEN 0 AND amount", name="refunded_amount"),
+)
+
+refunds = sa.Table(
+    "refunds",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("payment_id", sa.Text, sa.ForeignKey("payments.id"), nullable=False),
+    sa.Column("amount", sa.BigInteger, nullable=False),
+    sa.Column("fingerprint", sa.Text, nullable=False),
+    sa.Column("response", JSONB),
+    sa.Column("create_time", sa.DateTime(timezone=True), nullable=False),
+    sa.CheckConstraint("amount > 0", name="amount"),
+    sa.Index("ix_refunds_payment_id", "payment_id"),
 )
 
 idempotency_keys = sa.Table(

@@ -78,6 +78,7 @@ class OriginKind(enum.StrEnum):
     REDEMPTION = "REDEMPTION"
     RULE = "RULE"
     MERGE = "MERGE"
+    REFUND = "REFUND"
 
 
 # The direction each type implies; ADJUST has none and must be told.
@@ -97,6 +98,39 @@ class Tier:
     lifetime_points: int
 
 
+class RuleTrigger(enum.StrEnum):
+    PAYMENT_COMPLETED = "payment.completed"
+    ACCOUNT_CREATED = "loyalty.account.created"
+
+
+@dataclass(frozen=True)
+class TierMultiplier:
+    tier: str
+    multiplier: str  # a decimal with up to 2 places, e.g. "1.5"
+
+
+@dataclass(frozen=True)
+class EarningRule:
+    """How points are earned: from payments, or as a welcome bonus when an account is
+    created. In a request, `id` "" means a new rule and `version` is ignored."""
+
+    trigger: RuleTrigger
+    name: str = ""
+    # Payment rules: points per unit of the currency (a decimal with up to 4 places), the
+    # smallest amount that earns (minor units), the most points per payment (0: no cap),
+    # multipliers by tier, and the window `occurred_at` must fall in.
+    points_per_unit: str = ""
+    min_amount: int = 0
+    max_points: int = 0
+    tier_multipliers: list[TierMultiplier] = field(default_factory=list)
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+    # Welcome rules: the bonus.
+    points: int = 0
+    id: str = ""
+    version: int = 0
+
+
 @dataclass(frozen=True)
 class Program:
     id: str
@@ -107,6 +141,7 @@ class Program:
     status: ProgramStatus
     create_time: datetime
     update_time: datetime
+    earning_rules: list[EarningRule] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -143,6 +178,9 @@ class PointsTransaction:
     reverses: str | None = None
     original_account: str | None = None
     reversed_amount: int = 0
+    # For an earn credited by an earning rule: the rule and its version then.
+    rule: str | None = None
+    rule_version: int | None = None
 
 
 @dataclass(frozen=True)
@@ -268,6 +306,34 @@ class CurrencyLocked(FailedPrecondition):
     """A program's currency is fixed once it has an account."""
 
     reason = "CURRENCY_LOCKED"
+
+
+class CurrencyMismatch(FailedPrecondition):
+    """A payment in another currency than its program's."""
+
+    reason = "CURRENCY_MISMATCH"
+
+
+class PointsLimitExceeded(FailedPrecondition):
+    """An earning rule would credit more points than one transaction may hold."""
+
+    reason = "POINTS_LIMIT_EXCEEDED"
+
+
+class RefundExceedsPayment(FailedPrecondition):
+    reason = "REFUND_EXCEEDS_PAYMENT"
+
+
+class PaymentNotFound(NotFound):
+    reason = "PAYMENT_NOT_FOUND"
+
+
+class PaymentIdReused(RequestIdReused):
+    reason = "PAYMENT_ID_REUSED"
+
+
+class RefundIdReused(RequestIdReused):
+    reason = "REFUND_ID_REUSED"
 
 
 class OutOfRange(LedgerError):
@@ -555,6 +621,7 @@ class NewProgram:
     auto_enroll: bool = False
     tiers: list[Tier] = field(default_factory=list)
     status: ProgramStatus = ProgramStatus.ACTIVE
+    earning_rules: list[EarningRule] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -566,6 +633,7 @@ class ProgramChanges:
     auto_enroll: bool | None = None
     tiers: list[Tier] | None = None
     status: ProgramStatus | None = None
+    earning_rules: list[EarningRule] | None = None
 
 
 @dataclass(frozen=True)
@@ -670,3 +738,382 @@ def check_position(after: int, oldest: int, newest: int) -> None:
             position=after,
             newestPosition=newest,
         )
+
+
+# ---------------------------------------------------------------------------------------
+# Earning rules, payments and refunds.
+
+MAX_RULES = 20
+MAX_RULE_NAME_LENGTH = 200
+MAX_POINTS_PER_UNIT = 1_000_000
+MAX_MULTIPLIER = 100
+MAX_PAYMENT_AMOUNT = 10**15  # minor units
+MAX_PAYMENT_ID_LENGTH = 255
+RATE_PLACES = 4  # decimal places of points_per_unit
+MULTIPLIER_PLACES = 2
+RULE_ID = re.compile(r"^rule_[A-Za-z0-9]{20}$")
+_DECIMAL = re.compile(r"([0-9]+)(?:\.([0-9]+))?")
+
+# ISO 4217 currencies whose minor unit is not a hundredth; every other has 2 digits.
+_MINOR_DIGITS = {
+    **dict.fromkeys(
+        [
+            "BIF",
+            "CLP",
+            "DJF",
+            "GNF",
+            "ISK",
+            "JPY",
+            "KMF",
+            "KRW",
+            "PYG",
+            "RWF",
+            "UGX",
+            "UYI",
+            "VND",
+            "VUV",
+            "XAF",
+            "XOF",
+            "XPF",
+        ],
+        0,
+    ),
+    **dict.fromkeys(["BHD", "IQD", "JOD", "KWD", "LYD", "OMR", "TND"], 3),
+    **dict.fromkeys(["CLF", "UYW"], 4),
+}
+
+
+def minor_digits(currency: str) -> int:
+    """How many digits the currency's minor unit has: 2 for EUR (cents), 0 for JPY."""
+    return _MINOR_DIGITS.get(currency, 2)
+
+
+def scaled(decimal: str, places: int) -> int | None:
+    """A decimal string as an integer count of 10^-places, or None if it is not a plain
+    decimal with at most `places` decimal places. Integers only: no float ever touches a
+    points computation."""
+    match = _DECIMAL.fullmatch(decimal)
+    if match is None or len(match.group(2) or "") > places or len(match.group(1)) > 12:
+        return None
+    whole, fraction = match.group(1), match.group(2) or ""
+    return int(whole) * 10**places + int(fraction.ljust(places, "0") or "0")
+
+
+def _decimal_violation(text: str, places: int, maximum: int) -> str | None:
+    value = scaled(text, places)
+    if value is None:
+        return f"must be a decimal with at most {places} decimal places, e.g. '1.5'"
+    if not 0 < value <= maximum * 10**places:
+        return f"must be greater than 0 and at most {maximum}"
+    return None
+
+
+def rule_violations(
+    field_path: str, rules: list[EarningRule], tiers: list[Tier]
+) -> list[FieldViolation]:
+    """What is wrong with a program's earning rules, given the program's `tiers`."""
+    found = []
+    if len(rules) > MAX_RULES:
+        found.append(FieldViolation(field_path, f"has more than {MAX_RULES} rules"))
+    tier_names = {tier.name for tier in tiers}
+    for index, rule in enumerate(rules):
+        path = f"{field_path}[{index}]"
+
+        def add(name: str, description: str) -> None:
+            found.append(FieldViolation(f"{path}.{name}", description))  # noqa: B023
+
+        if len(rule.name) > MAX_RULE_NAME_LENGTH:
+            add("name", f"is longer than {MAX_RULE_NAME_LENGTH} characters")
+        elif "\x00" in rule.name:
+            add("name", "must not contain the character U+0000")
+        if rule.trigger is RuleTrigger.ACCOUNT_CREATED:
+            if not 1 <= rule.points <= MAX_AMOUNT:
+                add("points", f"must be between 1 and {MAX_AMOUNT} for a welcome rule")
+            payment_fields = {
+                "points_per_unit": rule.points_per_unit != "",
+                "min_amount": rule.min_amount != 0,
+                "max_points": rule.max_points != 0,
+                "tier_multipliers": bool(rule.tier_multipliers),
+                "start_time": rule.start_time is not None,
+                "end_time": rule.end_time is not None,
+            }
+            for name, is_set in payment_fields.items():
+                if is_set:
+                    add(name, "applies to payment rules only; must be unset")
+            continue
+        if rule.points:
+            add("points", "applies to welcome rules only; must be 0")
+        if not rule.points_per_unit:
+            add("points_per_unit", "is required")
+        elif problem := _decimal_violation(rule.points_per_unit, RATE_PLACES, MAX_POINTS_PER_UNIT):
+            add("points_per_unit", problem)
+        if not 0 <= rule.min_amount <= MAX_PAYMENT_AMOUNT:
+            add("min_amount", f"must be between 0 and {MAX_PAYMENT_AMOUNT}")
+        if not 0 <= rule.max_points <= MAX_AMOUNT:
+            add("max_points", f"must be between 0 (no cap) and {MAX_AMOUNT}")
+        if rule.start_time and rule.end_time and rule.start_time >= rule.end_time:
+            add("end_time", "must be after start_time")
+        seen: set[str] = set()
+        for m_index, multiplier in enumerate(rule.tier_multipliers):
+            m_path = f"tier_multipliers[{m_index}]"
+            if multiplier.tier not in tier_names:
+                add(f"{m_path}.tier", f"{multiplier.tier[:40]!r} is not a tier of the program")
+            elif multiplier.tier in seen:
+                add(f"{m_path}.tier", f"repeats the tier {multiplier.tier!r}")
+            seen.add(multiplier.tier)
+            problem = _decimal_violation(multiplier.multiplier, MULTIPLIER_PLACES, MAX_MULTIPLIER)
+            if problem:
+                add(f"{m_path}.multiplier", problem)
+    return found
+
+
+def versioned_rules(
+    field_path: str, current: list[EarningRule], requested: list[EarningRule]
+) -> list[EarningRule]:
+    """The rules after a change: a requested rule with the id of a current one keeps the id,
+    and its version goes up by one if anything in it changed; one without an id is new, at
+    version 1. Raises InvalidArgument for ids the program does not have, or repeats."""
+    by_id = {rule.id: rule for rule in current}
+    found, seen, result = [], set(), []
+    for index, rule in enumerate(requested):
+        if not rule.id:
+            result.append(replace(rule, id=new_id("rule_"), version=1))
+            continue
+        if rule.id not in by_id:
+            found.append(
+                FieldViolation(f"{field_path}[{index}].id", "is not a rule of the program")
+            )
+        elif rule.id in seen:
+            found.append(FieldViolation(f"{field_path}[{index}].id", "repeats a rule"))
+        else:
+            old = by_id[rule.id]
+            unchanged = replace(rule, version=old.version) == old
+            result.append(replace(rule, version=old.version if unchanged else old.version + 1))
+        seen.add(rule.id)
+    if found:
+        raise InvalidArgument(found)
+    return result
+
+
+class PaymentOutcome(enum.StrEnum):
+    EARNED = "EARNED"
+    GUEST = "GUEST"
+    NOT_ENROLLED = "NOT_ENROLLED"
+    ACCOUNT_CLOSED = "ACCOUNT_CLOSED"
+    NO_POINTS = "NO_POINTS"
+
+
+@dataclass(frozen=True)
+class NewPayment:
+    """A validated RecordPayment."""
+
+    id: str
+    program: str
+    customer: str | None
+    amount: int  # minor units
+    currency: str
+    occurred_at: datetime
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Payment:
+    id: str
+    program: str
+    customer: str | None
+    amount: int
+    currency: str
+    occurred_at: datetime
+    metadata: dict[str, str]
+    outcome: PaymentOutcome
+    account: str | None
+    enrolled: bool
+    create_time: datetime
+
+
+@dataclass(frozen=True)
+class PaymentResult:
+    payment: Payment
+    transactions: list[PointsTransaction]  # the welcome bonus if it enrolled, then the earns
+    account: Account | None
+
+
+@dataclass(frozen=True)
+class NewRefund:
+    id: str
+    payment_id: str
+    amount: int
+
+
+@dataclass(frozen=True)
+class Refund:
+    id: str
+    payment_id: str
+    amount: int
+    refunded_amount: int  # all refunds of the payment so far, this one included
+    create_time: datetime
+
+
+@dataclass(frozen=True)
+class RefundResult:
+    refund: Refund
+    transactions: list[PointsTransaction]
+    account: Account | None
+
+
+@dataclass(frozen=True)
+class Earn:
+    rule: EarningRule
+    points: int
+
+
+def check_payment_currency(program: Program, currency: str) -> None:
+    if currency != program.currency:
+        raise CurrencyMismatch(
+            f"program {program.id} earns in {program.currency}, not {currency}",
+            program=program.id,
+            currency=program.currency,
+            requested=currency,
+        )
+
+
+def _rule_points(rule: EarningRule, payment: NewPayment, tier: str) -> int:
+    """amount / 10^digits x points_per_unit x the tier's multiplier, fraction dropped, then
+    capped; in integers (rate in 10^-4, multiplier in 10^-2), so nothing is lost to floats."""
+    rate = scaled(rule.points_per_unit, RATE_PLACES) or 0
+    multiplier = 10**MULTIPLIER_PLACES
+    for entry in rule.tier_multipliers:
+        if entry.tier == tier:
+            multiplier = scaled(entry.multiplier, MULTIPLIER_PLACES) or 0
+    scale = 10 ** (minor_digits(payment.currency) + RATE_PLACES + MULTIPLIER_PLACES)
+    points = payment.amount * rate * multiplier // scale
+    return min(points, rule.max_points) if rule.max_points else points
+
+
+def _applies(rule: EarningRule, payment: NewPayment) -> bool:
+    return (
+        rule.trigger is RuleTrigger.PAYMENT_COMPLETED
+        and payment.amount >= rule.min_amount
+        and (rule.start_time is None or rule.start_time <= payment.occurred_at)
+        and (rule.end_time is None or payment.occurred_at < rule.end_time)
+    )
+
+
+def payment_earns(rules: list[EarningRule], payment: NewPayment, tier: str) -> list[Earn]:
+    """What each matching payment rule earns for a member in `tier`, in rule order; all of
+    them apply. Rules that earn 0 points are left out. Raises PointsLimitExceeded when one
+    would credit more than a transaction may hold."""
+    earns = []
+    for rule in rules:
+        if not _applies(rule, payment):
+            continue
+        points = _rule_points(rule, payment, tier)
+        if points > MAX_AMOUNT:
+            raise PointsLimitExceeded(
+                f"rule {rule.id} would credit {points} points for payment {payment.id};"
+                f" one transaction holds at most {MAX_AMOUNT}",
+                rule=rule.id,
+                points=points,
+                limit=MAX_AMOUNT,
+            )
+        if points > 0:
+            earns.append(Earn(rule, points))
+    return earns
+
+
+def welcome_earns(rules: list[EarningRule]) -> list[Earn]:
+    return [Earn(r, r.points) for r in rules if r.trigger is RuleTrigger.ACCOUNT_CREATED]
+
+
+def credited(account: Account, points: int, tiers: list[Tier], now: datetime) -> Account:
+    """The account after an EARN of `points`: balance and lifetime points up, tier following
+    the lifetime points. Raises why it may not happen (not ACTIVE, balance limit)."""
+    posting = check(account, change(TransactionType.EARN, Direction.CREDIT, points))
+    return revised(
+        account,
+        now,
+        balance=posting.balance_after,
+        lifetime_points=posting.lifetime_after,
+        tier=tier_for(account.lifetime_points, posting.lifetime_after, tiers, account.tier),
+    )
+
+
+def earn_transaction(
+    account: Account, earn: Earn, origin: tuple[OriginKind, str], metadata: dict[str, str]
+) -> PointsTransaction:
+    """The ledger row of an earn just credited to `account` (as it is after it)."""
+    return PointsTransaction(
+        id=new_id("ptx_"),
+        account=account.id,
+        type=TransactionType.EARN,
+        direction=Direction.CREDIT,
+        amount=earn.points,
+        points_after=account.balance,
+        reason=earn.rule.name,
+        origin_kind=origin[0],
+        origin_id=origin[1],
+        metadata=metadata,
+        create_time=account.update_time,
+        rule=earn.rule.id,
+        rule_version=earn.rule.version,
+    )
+
+
+def check_refund(payment_id: str, amount: int, refunded: int, requested: int) -> None:
+    """Refunds of a payment add up to at most its amount."""
+    if refunded + requested > amount:
+        raise RefundExceedsPayment(
+            f"payment {payment_id} of {amount} has {amount - refunded} left to refund;"
+            f" {requested} requested",
+            payment=payment_id,
+            refundable=amount - refunded,
+            requested=requested,
+        )
+
+
+def refund_reversals(
+    earns: list[PointsTransaction], payment_amount: int, refunded_after: int
+) -> list[tuple[PointsTransaction, int]]:
+    """The points to reverse of each earn, so that after refunds totalling `refunded_after`
+    each has had floor(earned x refunded / amount) reversed in all. Cumulative, so rounding
+    never drifts: the reversals of a full refund add up to exactly what was earned. Points
+    reversed by hand (ReversePointsTransaction) count as reversed already."""
+    due = []
+    for earn in earns:
+        points = earn.amount * refunded_after // payment_amount - earn.reversed_amount
+        if points > 0:
+            due.append((earn, points))
+    return due
+
+
+def debited_by_reversal(account: Account, points: int, now: datetime) -> Account:
+    """The account after a reversal takes `points` back: it may go below zero (the points
+    were given back even if spent); lifetime points and tier stay."""
+    posting = check(
+        account, change(TransactionType.REVERSE, Direction.DEBIT, points, may_overdraw=True)
+    )
+    return revised(account, now, balance=posting.balance_after)
+
+
+def reversal_transaction(
+    account: Account,
+    original: PointsTransaction,
+    points: int,
+    origin: tuple[OriginKind, str],
+    reason: str,
+) -> PointsTransaction:
+    """The ledger row of a reversal of `original` just posted to `account` (as after it)."""
+    return PointsTransaction(
+        id=new_id("ptx_"),
+        account=account.id,
+        type=TransactionType.REVERSE,
+        direction=original.direction.opposite(),
+        amount=points,
+        points_after=account.balance,
+        reason=reason,
+        origin_kind=origin[0],
+        origin_id=origin[1],
+        metadata={},
+        create_time=account.update_time,
+        reverses=original.id,
+    )

@@ -23,6 +23,7 @@ from .domain import (
     AccountNotClosed,
     AccountNotFound,
     AccountStatus,
+    Event,
     EventFilter,
     EventType,
     FieldViolation,
@@ -30,13 +31,20 @@ from .domain import (
     MergeResult,
     NewProgram,
     NewTransaction,
+    OriginKind,
     Page,
+    PaymentIdReused,
+    PaymentNotFound,
+    PaymentOutcome,
+    PaymentResult,
     PointsTransaction,
     Program,
     ProgramAlreadyExists,
     ProgramChanges,
     ProgramNotFound,
     ProgramStatus,
+    RefundIdReused,
+    RefundResult,
     RequestIdReused,
     TransactionFilter,
     TransactionNotFound,
@@ -189,6 +197,7 @@ class Ledger:
                 status=new.status,
                 create_time=now,
                 update_time=now,
+                earning_rules=domain.versioned_rules(_RULES_PATH, [], new.earning_rules),
             )
             if not await store.insert_program(conn, program):
                 raise ProgramAlreadyExists(f"program {new_id} already exists", program=new_id)
@@ -223,6 +232,12 @@ class Ledger:
             if changes.currency is not None and changes.currency != program.currency:
                 has_accounts = await store.program_has_accounts(conn, program_id)
                 domain.check_currency_change(program, changes.currency, has_accounts)
+            tiers = program.tiers if changes.tiers is None else changes.tiers
+            rules = program.earning_rules
+            if changes.earning_rules is not None:
+                rules = domain.versioned_rules(_RULES_PATH, rules, changes.earning_rules)
+            # Checked against the tiers the program will have: a multiplier must name one.
+            _raise_if_any(domain.rule_violations(_RULES_PATH, rules, tiers))
             updated = replace(
                 program,
                 name=program.name if changes.name is None else changes.name,
@@ -230,9 +245,10 @@ class Ledger:
                 auto_enroll=program.auto_enroll
                 if changes.auto_enroll is None
                 else changes.auto_enroll,
-                tiers=program.tiers if changes.tiers is None else changes.tiers,
+                tiers=tiers,
                 status=program.status if changes.status is None else changes.status,
                 update_time=self.clock(),
+                earning_rules=rules,
             )
             await store.save_program(conn, updated)
             return updated
@@ -256,26 +272,13 @@ class Ledger:
             if found is None:
                 raise _program_not_found(program)
             domain.require_program_active(found)
-            now = self.clock()
-            account = Account(
-                id=domain.new_id("loy_"),
-                program=program,
-                customer=customer,
-                status=AccountStatus.ACTIVE,
-                balance=0,
-                lifetime_points=0,
-                # A tier from 0 lifetime points holds from the start (no tier_changed event:
-                # the account is created in it).
-                tier=domain.tier_for(0, 0, found.tiers, ""),
-                metadata=metadata,
-                create_time=now,
-                update_time=now,
-            )
-            if not await store.insert_account(conn, account):
+            enrollment = await _enroll(conn, found, customer, metadata, self.clock())
+            if enrollment is None:
                 assert customer is not None  # accounts without a customer never conflict
                 await self._raise_already_exists(conn, program, customer)
-            await store.append_events(conn, [account_event(EventType.ACCOUNT_CREATED, account)])
-            return account
+            assert enrollment is not None
+            await store.append_events(conn, enrollment.events)
+            return enrollment.account
 
         params = {"program": program, "customer": customer, "metadata": metadata}
         return await self._run("CreateAccount", request_id, params, Account, work)
@@ -510,6 +513,76 @@ class Ledger:
             "ReversePointsTransaction", request_id, params, PointsTransaction, work
         )
 
+    # -- payments and refunds ------------------------------------------------------------
+
+    async def record_payment(self, new: domain.NewPayment) -> PaymentResult:
+        """Records a payment and credits what its program's earning rules give, once per
+        payment id. Locks, in order: the program (KEY SHARE, against archiving and currency
+        changes), the payment id (its row's insert: a replay waits for the first attempt),
+        the customer's account (FOR UPDATE, or the unique index on a new one), the event
+        log's head (last, in append_events)."""
+        fingerprint = _fingerprint(new)
+
+        async def work(conn: Conn) -> PaymentResult:
+            program = await store.share_program(conn, new.program)
+            if program is None:
+                raise _program_not_found(new.program)
+            domain.check_payment_currency(program, new.currency)
+            now = self.clock()
+            stored = await store.claim_payment(conn, new, fingerprint, now)
+            if stored is not None:
+                if stored.fingerprint != fingerprint:
+                    raise PaymentIdReused(
+                        f"payment {new.id} was recorded with other fields", payment=new.id
+                    )
+                return store.from_json(PaymentResult, stored.response)
+            result, earn_ids, new_events = await _settle(conn, program, new, now)
+            account_id = result.account.id if result.account else None
+            await store.save_payment(
+                conn, new.id, result.payment.outcome, account_id, earn_ids, store.to_json(result)
+            )
+            await store.append_events(conn, new_events)
+            return result
+
+        return await self._run("RecordPayment", "", None, PaymentResult, work)
+
+    async def record_refund(self, new: domain.NewRefund) -> RefundResult:
+        """Records a refund and reverses its share of the payment's earns, once per refund
+        id. Locks, in order: the payment (FOR UPDATE: its refunds one at a time), the refund
+        id, the account holding the earns, the earns (in id order), the event log's head."""
+        fingerprint = _fingerprint(new)
+
+        async def work(conn: Conn) -> RefundResult:
+            payment = await store.lock_payment(conn, new.payment_id)
+            if payment is None:
+                raise PaymentNotFound(
+                    f"payment {new.payment_id} was never recorded", payment=new.payment_id
+                )
+            now = self.clock()
+            stored = await store.claim_refund(conn, new, fingerprint, now)
+            if stored is not None:
+                if stored.fingerprint != fingerprint:
+                    raise RefundIdReused(
+                        f"refund {new.id} was recorded with other fields", refund=new.id
+                    )
+                return store.from_json(RefundResult, stored.response)
+            domain.check_refund(payment.id, payment.amount, payment.refunded_amount, new.amount)
+            refunded = payment.refunded_amount + new.amount
+            account, reversals = None, []
+            if payment.earn_ids:
+                account, reversals = await _reverse_for_refund(conn, payment, new, refunded, now)
+            await store.save_refunded(conn, payment.id, refunded)
+            refund = domain.Refund(new.id, payment.id, new.amount, refunded, now)
+            result = RefundResult(refund, reversals, account)
+            await store.save_refund(conn, new.id, store.to_json(result))
+            if account is not None:
+                await store.append_events(
+                    conn, [transaction_event(r, account.program) for r in reversals]
+                )
+            return result
+
+        return await self._run("RecordRefund", "", None, RefundResult, work)
+
     # -- events --------------------------------------------------------------------------
 
     async def list_events(
@@ -594,6 +667,181 @@ class Ledger:
             program=program,
             customer=customer,
         )
+
+
+_RULES_PATH = "program.earning_rules"
+
+
+def _raise_if_any(violations: list[FieldViolation]) -> None:
+    if violations:
+        raise InvalidArgument(violations)
+
+
+@dataclass(frozen=True)
+class _Enrollment:
+    account: Account  # after its welcome bonus, if any
+    transactions: list[PointsTransaction]
+    events: list[Event]
+
+
+async def _enroll(
+    conn: Conn, program: Program, customer: str | None, metadata: dict[str, str], now: datetime
+) -> _Enrollment | None:
+    """Creates an account in `program` (held FOR KEY SHARE) with its welcome bonus; None if
+    the customer has an ACTIVE one already (a racing enrollment waits for the other's
+    commit on the unique index, and then gets None)."""
+    account = Account(
+        id=domain.new_id("loy_"),
+        program=program.id,
+        customer=customer,
+        status=AccountStatus.ACTIVE,
+        balance=0,
+        lifetime_points=0,
+        # A tier from 0 lifetime points holds from the start (no tier_changed event: the
+        # account is created in it).
+        tier=domain.tier_for(0, 0, program.tiers, ""),
+        metadata=metadata,
+        create_time=now,
+        update_time=now,
+    )
+    if not await store.insert_account(conn, account):
+        return None
+    welcome = domain.welcome_earns(program.earning_rules)
+    credited, transactions, bonus_events = _credit(
+        account, welcome, (OriginKind.RULE, ""), {}, program, now
+    )
+    if transactions:
+        await _write_postings(conn, credited, transactions)
+    created = [account_event(EventType.ACCOUNT_CREATED, account), *bonus_events]
+    return _Enrollment(credited, transactions, created)
+
+
+def _credit(
+    account: Account,
+    earns: list[domain.Earn],
+    origin: tuple[OriginKind, str],
+    metadata: dict[str, str],
+    program: Program,
+    now: datetime,
+) -> tuple[Account, list[PointsTransaction], list[Event]]:
+    """The account after crediting `earns` in order, their ledger rows, and their events: a
+    transaction event each, followed by a tier_changed event when it promoted the account.
+    An origin id "" means each earn's rule (a welcome bonus is caused by its rule)."""
+    transactions, new_events = [], []
+    for earn in earns:
+        before = account
+        account = domain.credited(account, earn.points, program.tiers, now)
+        cause = (origin[0], origin[1] or earn.rule.id)
+        ptx = domain.earn_transaction(account, earn, cause, metadata)
+        transactions.append(ptx)
+        new_events.append(transaction_event(ptx, program.id))
+        if account.tier != before.tier:
+            new_events.append(account_event(EventType.ACCOUNT_TIER_CHANGED, account))
+    return account, transactions, new_events
+
+
+async def _write_postings(
+    conn: Conn, account: Account, transactions: list[PointsTransaction]
+) -> None:
+    """Writes postings worked out in Python under the account's lock (taken by the caller)."""
+    for ptx in transactions:
+        await store.insert_transaction(conn, ptx)
+    await store.save_posted(conn, account)
+
+
+async def _settle(
+    conn: Conn, program: Program, new: domain.NewPayment, now: datetime
+) -> tuple[PaymentResult, list[str], list[Event]]:
+    """What a newly claimed payment earns, written: the result, the ids of its earns (for
+    refunds) and the events to append."""
+
+    def result(
+        outcome: PaymentOutcome,
+        account: Account | None = None,
+        transactions: list[PointsTransaction] | None = None,
+        enrolled: bool = False,
+    ) -> PaymentResult:
+        payment = domain.Payment(
+            id=new.id,
+            program=new.program,
+            customer=new.customer,
+            amount=new.amount,
+            currency=new.currency,
+            occurred_at=new.occurred_at,
+            metadata=new.metadata,
+            outcome=outcome,
+            account=account.id if account else None,
+            enrolled=enrolled,
+            create_time=now,
+        )
+        return PaymentResult(payment, transactions or [], account)
+
+    if new.customer is None:
+        return result(PaymentOutcome.GUEST), [], []
+    account = await store.lock_active_account(conn, program.id, new.customer)
+    enrollment = None
+    if account is None:
+        if await store.has_closed_account(conn, program.id, new.customer):
+            return result(PaymentOutcome.ACCOUNT_CLOSED), [], []
+        if not program.auto_enroll or program.status is not ProgramStatus.ACTIVE:
+            return result(PaymentOutcome.NOT_ENROLLED), [], []
+        # Only a payment that earns enrolls: one that earns nothing leaves no empty account.
+        starting_tier = domain.tier_for(0, 0, program.tiers, "")
+        if not domain.payment_earns(program.earning_rules, new, starting_tier):
+            return result(PaymentOutcome.NO_POINTS), [], []
+        enrollment = await _enroll(conn, program, new.customer, {}, now)
+        if enrollment is None:
+            # A racing payment (or CreateAccount) enrolled the customer and has committed:
+            # start again, and credit the account it made.
+            raise _Moved
+        account = enrollment.account
+    enrolled = enrollment.transactions if enrollment else []
+    new_events = enrollment.events if enrollment else []
+    # The tier when the payment is recorded: for a new member, after the welcome bonus.
+    earns = domain.payment_earns(program.earning_rules, new, account.tier)
+    if not earns:
+        return result(PaymentOutcome.NO_POINTS, account, enrolled, bool(enrollment)), [], new_events
+    origin = (OriginKind.PAYMENT, new.id)
+    account, earned, earn_events = _credit(account, earns, origin, new.metadata, program, now)
+    await _write_postings(conn, account, earned)
+    return (
+        result(PaymentOutcome.EARNED, account, enrolled + earned, bool(enrollment)),
+        [ptx.id for ptx in earned],
+        new_events + earn_events,
+    )
+
+
+async def _reverse_for_refund(
+    conn: Conn, payment: store.PaidPayment, refund: domain.NewRefund, refunded: int, now: datetime
+) -> tuple[Account, list[PointsTransaction]]:
+    """Reverses the payment's earns down to their share after refunds totalling `refunded`;
+    the account holding them, after, and the reversals."""
+    seen = await store.get_transaction(conn, payment.earn_ids[0])
+    assert seen is not None  # transactions are never deleted
+    # Lock order: account, then its transactions, as in merges and ReversePointsTransaction.
+    account = await store.lock_account(conn, seen.account)
+    assert account is not None
+    earns = await store.lock_transactions(conn, payment.earn_ids)
+    if any(earn.account != account.id for earn in earns):
+        raise _Moved  # a merge moved them between the read and the lock
+    reversals = []
+    for earn, points in domain.refund_reversals(earns, payment.amount, refunded):
+        account = domain.debited_by_reversal(account, points, now)
+        reversals.append(
+            domain.reversal_transaction(
+                account, earn, points, (OriginKind.REFUND, refund.id),
+                f"refund of payment {payment.id}",
+            )
+        )  # fmt: skip
+        await store.add_reversed_amount(conn, earn.id, points)
+    if reversals:
+        await _write_postings(conn, account, reversals)
+    return account, reversals
+
+
+def _fingerprint(request: object) -> str:
+    """The digest of what a request asked for: a replay must ask for the same."""
+    return hashlib.sha256(json.dumps(store.to_json(request), sort_keys=True).encode()).hexdigest()
 
 
 def _posting_keys(posting: store.NewPosting) -> tuple[object, ...]:

@@ -30,8 +30,10 @@ from .db import (
     event_log_head,
     events,
     idempotency_keys,
+    payments,
     points_transactions,
     programs,
+    refunds,
     service_settings,
 )
 from .domain import (
@@ -40,9 +42,12 @@ from .domain import (
     AccountStatus,
     Change,
     Direction,
+    EarningRule,
     Event,
     EventFilter,
     EventType,
+    NewPayment,
+    NewRefund,
     OriginKind,
     Page,
     PointsTransaction,
@@ -121,6 +126,8 @@ def _transaction(row: Row) -> PointsTransaction:
         reverses=row.reverses_id,
         original_account=row.original_account_id,
         reversed_amount=row.reversed_amount,
+        rule=row.rule_id,
+        rule_version=row.rule_version,
     )
 
 
@@ -157,6 +164,8 @@ def _transaction_params(ptx: PointsTransaction) -> dict[str, object]:
         "reversed_amount": ptx.reversed_amount,
         "metadata": Jsonb(ptx.metadata),
         "create_time": ptx.create_time,
+        "rule_id": ptx.rule,
+        "rule_version": ptx.rule_version,
     }
 
 
@@ -212,6 +221,7 @@ def _program(row: Row) -> Program:
         status=ProgramStatus(row.status),
         create_time=row.create_time,
         update_time=row.update_time,
+        earning_rules=from_json(list[EarningRule], row.earning_rules),
     )
 
 
@@ -225,6 +235,7 @@ def _program_params(program: Program) -> dict[str, object]:
         "status": program.status.value,
         "create_time": program.create_time,
         "update_time": program.update_time,
+        "earning_rules": Jsonb(to_json(program.earning_rules)),
     }
 
 
@@ -340,6 +351,56 @@ _SAVE_TOTALS = _sql(
         version=accounts.c.version + _const(1),
     )
 )
+
+
+_LOCK_ACTIVE_ACCOUNT = _sql(
+    sa.select(*_ACCOUNT_COLUMNS)
+    .where(
+        accounts.c.program_id == _bind(accounts.c.program_id),
+        accounts.c.customer == _bind(accounts.c.customer),
+        accounts.c.status == _const("ACTIVE"),
+    )
+    .with_for_update()
+)
+_HAS_CLOSED_ACCOUNT = _sql(
+    sa.select(
+        sa.exists()
+        .where(
+            accounts.c.program_id == _bind(accounts.c.program_id),
+            accounts.c.customer == _bind(accounts.c.customer),
+            accounts.c.status == _const("CLOSED"),
+        )
+        .label("found")
+    )
+)
+_SAVE_POSTED = _sql(
+    sa.update(accounts)
+    .where(accounts.c.id == _ACCOUNT_ID)
+    .values(
+        {
+            c.name: _bind(c)
+            for c in _ACCOUNT_COLUMNS
+            if c.name in ("balance", "lifetime_points", "tier", "update_time", "version")
+        }
+    )
+)
+
+
+async def lock_active_account(conn: Conn, program: str, customer: str) -> Account | None:
+    """The customer's ACTIVE account in the program, locked (FOR UPDATE), if there is one."""
+    row = await _one(conn, _LOCK_ACTIVE_ACCOUNT, {"program_id": program, "customer": customer})
+    return _account(row) if row else None
+
+
+async def has_closed_account(conn: Conn, program: str, customer: str) -> bool:
+    row = await _one(conn, _HAS_CLOSED_ACCOUNT, {"program_id": program, "customer": customer})
+    assert row is not None
+    return bool(row.found)
+
+
+async def save_posted(conn: Conn, account: Account) -> None:
+    """Writes what postings change of a locked account: its totals, tier, version and time."""
+    await conn.execute(_SAVE_POSTED, _account_params(account))
 
 
 async def insert_account(conn: Conn, account: Account) -> bool:
@@ -814,6 +875,24 @@ async def get_transaction(
     return _transaction(row) if row else None
 
 
+_LOCK_TRANSACTIONS = _sql(
+    sa.select(*_TRANSACTION_COLUMNS)
+    .where(
+        points_transactions.c.id == sa.any_(sa.bindparam("ids", type_=postgresql.ARRAY(sa.Text)))
+    )
+    .order_by(points_transactions.c.id)
+    .with_for_update()
+)
+
+
+async def lock_transactions(conn: Conn, transaction_ids: list[str]) -> list[PointsTransaction]:
+    """Locks the transactions' rows in id order (so no two lockers wait in a cycle); returns
+    them in the order of `transaction_ids`."""
+    cursor = await conn.execute(_LOCK_TRANSACTIONS, {"ids": transaction_ids})
+    found = {row.id: _transaction(row) for row in await cursor.fetchall()}
+    return [found[i] for i in transaction_ids]
+
+
 async def add_reversed_amount(conn: Conn, transaction_id: str, amount: int) -> None:
     await conn.execute(_ADD_REVERSED_AMOUNT, {"id": transaction_id, "amount": amount})
 
@@ -1089,6 +1168,146 @@ async def prune_events(conn: Conn, before: datetime) -> int:
         cursor = await conn.execute(_PRUNE_EVENTS, {"before": min(cut, low)})
         pruned += cursor.rowcount
     return pruned
+
+
+# ---------------------------------------------------------------------------------------
+# Payments and refunds. Their ids are exactly-once keys, claimed by inserting the row first,
+# as claim_request does for request ids; unlike request ids they are kept for good.
+
+_CLAIMED_PAYMENT_COLUMNS = (
+    "id", "program_id", "customer", "amount", "currency", "occurred_at", "metadata",
+    "fingerprint", "create_time",
+)  # fmt: skip
+_CLAIM_PAYMENT = _sql(
+    pg_insert(payments)
+    .values({name: _bind(payments.c[name]) for name in _CLAIMED_PAYMENT_COLUMNS})
+    .on_conflict_do_nothing(index_elements=["id"])
+    .returning(payments.c.id)
+)
+_STORED_PAYMENT = _sql(
+    sa.select(payments.c.fingerprint, payments.c.response).where(
+        payments.c.id == _bind(payments.c.id)
+    )
+)
+_SAVE_PAYMENT = _sql(
+    sa.update(payments)
+    .where(payments.c.id == _bind(payments.c.id))
+    .values(
+        {
+            c.name: _bind(c)
+            for c in payments.c
+            if c.name in ("outcome", "account_id", "earn_ids", "response")
+        }
+    )
+)
+_LOCK_PAYMENT = _sql(
+    sa.select(payments.c.id, payments.c.amount, payments.c.earn_ids, payments.c.refunded_amount)
+    .where(payments.c.id == _bind(payments.c.id))
+    .with_for_update()
+)
+_SAVE_REFUNDED = _sql(
+    sa.update(payments)
+    .where(payments.c.id == _bind(payments.c.id))
+    .values(refunded_amount=_bind(payments.c.refunded_amount))
+)
+_CLAIM_REFUND = _sql(
+    pg_insert(refunds)
+    .values(
+        {
+            c.name: _bind(c)
+            for c in refunds.c
+            if c.name in ("id", "payment_id", "amount", "fingerprint", "create_time")
+        }
+    )
+    .on_conflict_do_nothing(index_elements=["id"])
+    .returning(refunds.c.id)
+)
+_STORED_REFUND = _sql(
+    sa.select(refunds.c.fingerprint, refunds.c.response).where(refunds.c.id == _bind(refunds.c.id))
+)
+_SAVE_REFUND = _sql(
+    sa.update(refunds)
+    .where(refunds.c.id == _bind(refunds.c.id))
+    .values(response=_bind(refunds.c.response))
+)
+
+
+@dataclass(frozen=True)
+class PaidPayment:
+    """What a refund needs of a payment (locked)."""
+
+    id: str
+    amount: int
+    earn_ids: list[str]
+    refunded_amount: int
+
+
+async def claim_payment(
+    conn: Conn, payment: NewPayment, fingerprint: str, now: datetime
+) -> StoredResponse | None:
+    """Claims the payment id for this transaction, or returns what is stored for it; a
+    concurrent claim waits for the first to end (see claim_request)."""
+    params = {
+        "id": payment.id,
+        "program_id": payment.program,
+        "customer": payment.customer,
+        "amount": payment.amount,
+        "currency": payment.currency,
+        "occurred_at": payment.occurred_at,
+        "metadata": Jsonb(payment.metadata),
+        "fingerprint": fingerprint,
+        "create_time": now,
+    }
+    if await _one(conn, _CLAIM_PAYMENT, params) is not None:
+        return None
+    row = await _one(conn, _STORED_PAYMENT, {"id": payment.id})
+    assert row is not None, "a conflicting payment is committed before the conflict shows"
+    return StoredResponse(row.fingerprint, row.response)
+
+
+async def save_payment(
+    conn: Conn, payment_id: str, outcome: str, account_id: str | None, earn_ids: list[str],
+    response: object,
+) -> None:  # fmt: skip
+    params = {
+        "id": payment_id,
+        "outcome": outcome,
+        "account_id": account_id,
+        "earn_ids": earn_ids,
+        "response": Jsonb(response),
+    }
+    await conn.execute(_SAVE_PAYMENT, params)
+
+
+async def lock_payment(conn: Conn, payment_id: str) -> PaidPayment | None:
+    row = await _one(conn, _LOCK_PAYMENT, {"id": payment_id})
+    return PaidPayment(row.id, row.amount, row.earn_ids, row.refunded_amount) if row else None
+
+
+async def save_refunded(conn: Conn, payment_id: str, refunded_amount: int) -> None:
+    await conn.execute(_SAVE_REFUNDED, {"id": payment_id, "refunded_amount": refunded_amount})
+
+
+async def claim_refund(
+    conn: Conn, refund: NewRefund, fingerprint: str, now: datetime
+) -> StoredResponse | None:
+    """As claim_payment, for a refund id."""
+    params = {
+        "id": refund.id,
+        "payment_id": refund.payment_id,
+        "amount": refund.amount,
+        "fingerprint": fingerprint,
+        "create_time": now,
+    }
+    if await _one(conn, _CLAIM_REFUND, params) is not None:
+        return None
+    row = await _one(conn, _STORED_REFUND, {"id": refund.id})
+    assert row is not None, "a conflicting refund is committed before the conflict shows"
+    return StoredResponse(row.fingerprint, row.response)
+
+
+async def save_refund(conn: Conn, refund_id: str, response: object) -> None:
+    await conn.execute(_SAVE_REFUND, {"id": refund_id, "response": Jsonb(response)})
 
 
 # ---------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
 ALREADY_EXISTS = grpc.StatusCode.ALREADY_EXISTS
 BAD_ID = "is not a valid id (expected ^prog_[A-Za-z0-9_]{1,60}$)"
 BAD_CURRENCY = "must be an ISO 4217 code: three uppercase letters"
-UPDATABLE = "updatable: name, currency, auto_enroll, tiers, status"
+UPDATABLE = "updatable: name, currency, auto_enroll, tiers, earning_rules, status"
 
 
 def tiers(*pairs: tuple[str, int]) -> list[programs_pb2.Tier]:
