@@ -10,7 +10,7 @@ import json
 import re
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TypeVar
 
@@ -232,7 +232,6 @@ def _rules(
     rules = []
     for index, rule in enumerate(values):
         path = f"{field_path}[{index}]"
-        v.id(f"{path}.id", rule.id, domain.RULE_ID, required=False)
         trigger = v.enum(f"{path}.trigger", rule.trigger, _TRIGGER_FROM_PB, required=True)
         rules.append(
             EarningRule(
@@ -253,6 +252,12 @@ def _rules(
     return rules
 
 
+def _rule_changes(v: Violations, values: Sequence[programs_pb2.EarningRule]) -> list[EarningRule]:
+    for index, rule in enumerate(values):
+        v.id(f"program.earning_rules[{index}].id", rule.id, domain.RULE_ID, required=False)
+    return _rules(v, "program.earning_rules", values)
+
+
 def new_program(request: programs_pb2.CreateProgramRequest) -> tuple[str | None, NewProgram]:
     """The id asked for (None: generate one) and the program to create."""
     v = Violations()
@@ -262,10 +267,8 @@ def new_program(request: programs_pb2.CreateProgramRequest) -> tuple[str | None,
     currency = _currency(v, "program.currency", program.currency)
     tiers = _tiers(v, "program.tiers", program.tiers)
     status = v.enum("program.status", program.status, _PROGRAM_STATUS_FROM_PB, required=False)
-    rules = _rules(v, "program.earning_rules", program.earning_rules)
-    for index, rule in enumerate(rules):
-        if rule.id:
-            v.add(f"program.earning_rules[{index}].id", "is output only: must be empty")
+    # Rule ids are output only here: the program's rules are all new.
+    rules = [replace(r, id="") for r in _rules(v, "program.earning_rules", program.earning_rules)]
     v.found.extend(domain.rule_violations("program.earning_rules", rules, tiers))
     v.request_id(request.request_id)
     v.raise_if_any()
@@ -309,9 +312,7 @@ def program_changes(request: programs_pb2.UpdateProgramRequest) -> tuple[str, Pr
         else None,
         auto_enroll=program.auto_enroll if "auto_enroll" in paths else None,
         tiers=_tiers(v, "program.tiers", program.tiers) if "tiers" in paths else None,
-        earning_rules=_rules(v, "program.earning_rules", program.earning_rules)
-        if "earning_rules" in paths
-        else None,
+        earning_rules=_rule_changes(v, program.earning_rules) if "earning_rules" in paths else None,
         status=v.enum("program.status", program.status, _PROGRAM_STATUS_FROM_PB, required=True)
         if "status" in paths
         else None,

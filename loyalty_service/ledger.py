@@ -527,7 +527,6 @@ class Ledger:
             program = await store.share_program(conn, new.program)
             if program is None:
                 raise _program_not_found(new.program)
-            domain.check_payment_currency(program, new.currency)
             now = self.clock()
             stored = await store.claim_payment(conn, new, fingerprint, now)
             if stored is not None:
@@ -536,6 +535,8 @@ class Ledger:
                         f"payment {new.id} was recorded with other fields", payment=new.id
                     )
                 return store.from_json(PaymentResult, stored.response)
+            # After the claim: a replay answers as the first time, whatever changed since.
+            domain.check_payment_currency(program, new.currency)
             result, earn_ids, new_events = await _settle(conn, program, new, now)
             account_id = result.account.id if result.account else None
             await store.save_payment(
@@ -890,6 +891,8 @@ async def find_violations(pool: AsyncConnectionPool) -> list[str]:
 
     - balance == sum(credits) - sum(debits), lifetime_points == sum(EARN and ADJUST credits);
     - each reversed_amount equals the sum of the reversals that point at it;
+    - each payment's refunded_amount equals the sum of its refunds (and, by a check
+      constraint, is at most its amount);
     - every points_after equals the running balance of the account it was posted to
       (a merge adds the source's balance to its target's running balance);
     - MERGED accounts hold nothing; no customer has two ACTIVE accounts in a program.
@@ -908,6 +911,7 @@ async def _violations(conn: Conn) -> list[str]:
     found = [
         *await store.balance_violations(conn),
         *await store.reversal_violations(conn),
+        *await store.refund_violations(conn),
         *await store.duplicate_active_customers(conn),
         *await store.merged_account_violations(conn),
     ]

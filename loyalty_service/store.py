@@ -1519,6 +1519,16 @@ _CHAIN_ENTRIES = _sql(
         _chain_entries.c.account_id, _chain_entries.c.seq, _chain_entries.c.kind_order
     )
 )
+_refund_sums = (
+    sa.select(refunds.c.payment_id, sa.func.sum(refunds.c.amount).label("refunded"))
+    .group_by(refunds.c.payment_id)
+    .subquery()
+)
+_REFUND_VIOLATIONS = _sql(
+    sa.select(payments.c.id, payments.c.refunded_amount, _refund_sums.c.refunded)
+    .select_from(payments.outerjoin(_refund_sums, _refund_sums.c.payment_id == payments.c.id))
+    .where(payments.c.refunded_amount != sa.func.coalesce(_refund_sums.c.refunded, _const(0)))
+)
 _ACCOUNT_BALANCES = _sql(sa.select(accounts.c.id, accounts.c.status, accounts.c.balance))
 
 
@@ -1541,6 +1551,14 @@ async def reversal_violations(conn: Conn) -> list[str]:
     return [
         f"transaction {r.id}: reversed_amount {r.reversed_amount}, reversals sum {r.reversed}"
         for r in await _all(conn, _REVERSAL_VIOLATIONS)
+    ]
+
+
+async def refund_violations(conn: Conn) -> list[str]:
+    """Payments whose refunded_amount disagrees with their refunds."""
+    return [
+        f"payment {r.id}: refunded_amount {r.refunded_amount}, refunds sum {r.refunded}"
+        for r in await _all(conn, _REFUND_VIOLATIONS)
     ]
 
 
