@@ -269,6 +269,14 @@ def test_create_program_with_rules_returns_them_with_ids_and_version_1(programs)
     assert programs.GetProgram(programs_pb2.GetProgramRequest(id=created.id)) == created
 
 
+def test_rule_ids_sent_on_create_are_ignored(programs):
+    taken = new_program(programs, per_unit("1")).earning_rules[0].id
+    created = new_program(programs, per_unit("1", id=taken), welcome(5, id="not an id"))
+    ids = [rule.id for rule in created.earning_rules]
+    assert all(RULE_ID.fullmatch(i) for i in ids) and taken not in ids
+    assert [rule.version for rule in created.earning_rules] == [1, 1]
+
+
 def test_update_rules_versions_and_earns_record_the_version_then(accounts, points, programs):
     program = new_program(programs, per_unit("1", name="Base"), per_unit("2", name="Promo"))
     base, promo = program.earning_rules

@@ -15,8 +15,13 @@ from pathlib import Path
 import grpc
 import psycopg
 import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
 from grpc_health.v1 import health_pb2
+from sqlalchemy.engine import make_url
 
+from loyalty_service import db
 from loyalty_service.pb import accounts_pb2, accounts_pb2_grpc, points_pb2, points_pb2_grpc
 from tests.conftest import ROOT, libpq_url
 from tests.support import EARN, GRPCURL, failure, funded_account, get, grpcurl, unique
@@ -293,3 +298,14 @@ def test_a_call_stuck_behind_a_row_lock_times_out_and_writes_nothing(
     finally:
         code, output = replica.stop()
     assert code == 0, output
+
+
+def test_the_migrations_build_the_tables_the_code_declares(database_url):
+    """db.py's tables are what store.py compiles its SQL against; the migrations are what a
+    database really has. Any difference (a column, type, index or constraint) fails here."""
+    engine = sa.create_engine(make_url(database_url).set(drivername="postgresql+psycopg"))
+    try:
+        with engine.connect() as conn:
+            assert compare_metadata(MigrationContext.configure(conn), db.metadata) == []
+    finally:
+        engine.dispose()
