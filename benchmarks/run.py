@@ -14,6 +14,11 @@ Scenarios (each: warm-up, then a timed window at the same concurrency for both s
   p99_ms are the commit-to-delivery latency of the events (receipt time less the event's
   create_time, taken just before the commit), and it adds `delivered=<events received in
   the windows> expected=<subscribers x earns in the windows>`.
+- payment: RecordPayment of 5 to 200 EUR with a fresh payment_id, by a random one of 10,000
+  customers (--customers) in a program with auto_enroll, a payment rule (1 point per EUR)
+  and a welcome bonus (100 points): a customer's first payment enrolls them. Baseline:
+  pgbench running the statements the service runs for one payment, in one transaction,
+  enrollment included, on a program of its own set up alike (benchmarks/payments.py).
 
 Prints `RESULT scenario=... service_ops=... baseline_ops=... ratio=... p50_ms=... p99_ms=...`
 per scenario. Ratios matter, not absolute numbers: the machine is shared.
@@ -44,6 +49,7 @@ import psycopg
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy.engine import make_url
 
+from benchmarks import payments
 from loyalty_service import db, store
 from loyalty_service.ledger import find_violations
 from loyalty_service.pb import accounts_pb2, points_pb2, points_pb2_grpc
@@ -212,10 +218,15 @@ HOT_PARAMS = {
 
 
 def pgbench_script(params: dict[str, str], header: str) -> str:
-    sql = store._POST_TRANSACTION_ONCE
+    return f"{header}\n{pgbench_statement(store._POST_TRANSACTION_ONCE, params)};\n"
+
+
+def pgbench_statement(sql: str, params: dict[str, str]) -> str:
+    """A compiled statement on one line (pgbench reads one per line), each `%(name)s`
+    replaced by its pgbench expression in `params`."""
     body = re.sub(r"%\((\w+)\)s", lambda m: f"({params[m.group(1)]})", sql)
-    body = " ".join(body.split()).replace(": ", " : ")  # pgbench reads ":x" as a variable
-    return f"{header}\n{body};\n"
+    body = re.sub(r"--[^\n]*", "", body)  # a comment would swallow the rest of the line
+    return " ".join(body.split()).replace(": ", " : ")  # pgbench reads ":x" as a variable
 
 
 def run_pgbench(url: str, script: str, concurrency: int, warmup: float, seconds: float) -> float:
@@ -404,6 +415,10 @@ def benchmark(url: str, args: argparse.Namespace, tmp: Path) -> None:
             ),
         )
         empty = write_requests(tmp / "empty.bin", [b""])
+
+        def wanted(name: str) -> bool:
+            return not args.only or name in args.only
+
         # The events scenario's runs, each with request ids of its own: without subscribers,
         # with, without, with.
         event_runs = [
@@ -415,7 +430,7 @@ def benchmark(url: str, args: argparse.Namespace, tmp: Path) -> None:
                     lambda _: (account_id(random.randint(1, args.accounts)), EARN),
                 ),
             )
-            for i in range(4 if not args.only or "events" in args.only else 0)
+            for i in range(4 if wanted("events") else 0)
         ]
 
         unique = "\\set k random(1, 9000000000000000000)\n\\set amount random(1, 10)"
@@ -426,11 +441,23 @@ def benchmark(url: str, args: argparse.Namespace, tmp: Path) -> None:
             ("hot_account", EARN_METHOD, hot, pgbench_script(HOT_PARAMS, hot_header)),
             ("get_account", "/vinr.loyalty.v1.LoyaltyAccounts/GetAccount", reads, None),
         ]
+        if wanted("payment"):
+            with grpc.insecure_channel(server.address) as channel:
+                programs = payments.create_programs(channel)
+            paid = write_requests(
+                tmp / "payments.bin", payments.requests(run, count, args.customers)
+            )
+            script = payments.pgbench_script(
+                programs[payments.BASELINE_PROGRAM], args.customers, pgbench_statement
+            )
+            scenarios.append(("payment", payments.METHOD, paid, script))
         if args.show_sql:
-            print(scenarios[0][3])
+            for name, _, _, script in scenarios:
+                if script is not None and wanted(name):
+                    print(f"-- {name}\n{script}")
         pid = server.process.pid
         for name, method, requests, script in scenarios:
-            if args.only and name not in args.only:
+            if not wanted(name):
                 continue
             load = drive(server.address, method, requests, args, pid, cycle=script is None)
             if script is None:
@@ -473,9 +500,10 @@ def main() -> None:
     parser.add_argument("--pool-size", type=int, default=10)
     parser.add_argument("--channels", type=int, default=4)
     parser.add_argument("--accounts", type=int, default=10_000)
+    parser.add_argument("--customers", type=int, default=10_000, help="for the payment scenario")
     parser.add_argument("--subscribers", type=int, default=50, help="for the events scenario")
     parser.add_argument("--only", nargs="*", help="scenario names to run")
-    parser.add_argument("--show-sql", action="store_true", help="print the pgbench script")
+    parser.add_argument("--show-sql", action="store_true", help="print the pgbench scripts")
     args = parser.parse_args()
 
     global PGBENCH
