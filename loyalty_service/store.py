@@ -1408,6 +1408,13 @@ def to_json(value: object) -> object:
     return value
 
 
+@functools.cache
+def _type_hints(kind: type) -> dict[str, typing.Any]:
+    # Resolving the annotations is most of from_json's cost, and every program read (each
+    # payment's) rebuilds its earning rules with it.
+    return typing.get_type_hints(kind)
+
+
 def from_json(kind: type[T], data: object) -> T:
     """The inverse of to_json for the domain's dataclasses."""
     origin = typing.get_origin(kind)
@@ -1420,7 +1427,7 @@ def from_json(kind: type[T], data: object) -> T:
         (item,) = typing.get_args(kind)
         return [from_json(item, value) for value in data]  # type: ignore[return-value,union-attr]
     if is_dataclass(kind):
-        hints = typing.get_type_hints(kind)
+        hints = _type_hints(kind)
         return kind(**{name: from_json(hints[name], value) for name, value in data.items()})  # type: ignore[union-attr]
     if kind is datetime:
         return datetime.fromisoformat(data)  # type: ignore[return-value,arg-type]
