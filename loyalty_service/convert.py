@@ -77,6 +77,8 @@ _OUTCOME_TO_PB = {o: PaymentPb.Outcome.Value(f"OUTCOME_{o.value}") for o in Paym
 _RESERVED_ORIGINS = (OriginKind.MERGE, OriginKind.REFUND)
 
 
+# The seconds of 0001-01-01T00:00:00Z and 9999-12-31T23:59:59Z: what a datetime holds.
+_MIN_SECONDS, _MAX_SECONDS = -62_135_596_800, 253_402_300_799
 # PostgreSQL text cannot hold U+0000, so a string with one could never be stored.
 _NUL_MESSAGE = "must not contain the character U+0000"
 
@@ -135,6 +137,13 @@ class Violations:
         if not 1 <= value <= domain.MAX_AMOUNT:
             self.add(field_path, f"must be between 1 and {domain.MAX_AMOUNT}")
         return value
+
+    def timestamp(self, field_path: str, value: Timestamp) -> datetime | None:
+        """The time, or None (with a violation) if it is outside what a datetime holds."""
+        if not (_MIN_SECONDS <= value.seconds <= _MAX_SECONDS and 0 <= value.nanos < 10**9):
+            self.add(field_path, "must be between 0001-01-01 and 9999-12-31 (UTC)")
+            return None
+        return value.ToDatetime(tzinfo=UTC)
 
     def request_id(self, value: str) -> str:
         return self.text("request_id", value, domain.MAX_REQUEST_ID_LENGTH)
@@ -220,10 +229,6 @@ def _tiers(v: Violations, field_path: str, values: Sequence[programs_pb2.Tier]) 
     return tiers
 
 
-def _optional_time(value: Timestamp, is_set: bool) -> datetime | None:
-    return value.ToDatetime(tzinfo=UTC) if is_set else None
-
-
 def _rules(
     v: Violations, field_path: str, values: Sequence[programs_pb2.EarningRule]
 ) -> list[EarningRule]:
@@ -243,8 +248,12 @@ def _rules(
                 tier_multipliers=[
                     TierMultiplier(m.tier, m.multiplier) for m in rule.tier_multipliers
                 ],
-                start_time=_optional_time(rule.start_time, rule.HasField("start_time")),
-                end_time=_optional_time(rule.end_time, rule.HasField("end_time")),
+                start_time=v.timestamp(f"{path}.start_time", rule.start_time)
+                if rule.HasField("start_time")
+                else None,
+                end_time=v.timestamp(f"{path}.end_time", rule.end_time)
+                if rule.HasField("end_time")
+                else None,
                 points=rule.points,
                 id=rule.id,
             )
@@ -332,17 +341,21 @@ def new_payment(request: points_pb2.RecordPaymentRequest) -> NewPayment:
     if not 1 <= request.amount <= domain.MAX_PAYMENT_AMOUNT:
         v.add("amount", f"must be between 1 and {domain.MAX_PAYMENT_AMOUNT} (minor units)")
     currency = _currency(v, "currency", request.currency)
+    occurred_at = None
     if not request.HasField("occurred_at"):
         v.add("occurred_at", "is required")
+    else:
+        occurred_at = v.timestamp("occurred_at", request.occurred_at)
     metadata = v.metadata("metadata", request.metadata)
     v.raise_if_any()
+    assert occurred_at is not None
     return NewPayment(
         id=payment_id,
         program=program,
         customer=customer_,
         amount=request.amount,
         currency=currency,
-        occurred_at=request.occurred_at.ToDatetime(tzinfo=UTC),
+        occurred_at=occurred_at,
         metadata=metadata,
     )
 

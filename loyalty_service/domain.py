@@ -460,6 +460,11 @@ def change(
 def check(account: Account, change_: Change) -> Posting:
     """The account's totals after the change, or the error saying why it may not happen."""
     require_active(account)
+    return within_bounds(account, change_)
+
+
+def within_bounds(account: Account, change_: Change) -> Posting:
+    """The account's totals after the change, or why its balance may not go there."""
     balance_after = account.balance + change_.delta
     if balance_after > change_.max_balance:
         raise BalanceLimitExceeded(
@@ -802,7 +807,7 @@ def scaled(decimal: str, places: int) -> int | None:
 def _decimal_violation(text: str, places: int, maximum: int) -> str | None:
     value = scaled(text, places)
     if value is None:
-        return f"must be a decimal with at most {places} decimal places, e.g. '1.5'"
+        return f"must be a plain decimal with at most {places} decimal places, e.g. '1.5'"
     if not 0 < value <= maximum * 10**places:
         return f"must be greater than 0 and at most {maximum}"
     return None
@@ -887,12 +892,29 @@ def versioned_rules(
             found.append(FieldViolation(f"{field_path}[{index}].id", "repeats a rule"))
         else:
             old = by_id[rule.id]
-            unchanged = replace(rule, version=old.version) == old
+            unchanged = _meaning(replace(rule, version=old.version)) == _meaning(old)
             result.append(replace(rule, version=old.version if unchanged else old.version + 1))
         seen.add(rule.id)
     if found:
         raise InvalidArgument(found)
     return result
+
+
+def _meaning(rule: EarningRule) -> EarningRule:
+    """The rule with its decimals in one spelling, so "1.50" for "1.5" is no change."""
+
+    def same(text: str, places: int) -> str:
+        value = scaled(text, places)
+        return text if value is None else str(value)
+
+    return replace(
+        rule,
+        points_per_unit=same(rule.points_per_unit, RATE_PLACES),
+        tier_multipliers=[
+            replace(m, multiplier=same(m.multiplier, MULTIPLIER_PLACES))
+            for m in rule.tier_multipliers
+        ],
+    )
 
 
 class PaymentOutcome(enum.StrEnum):
@@ -980,11 +1002,12 @@ def check_payment_currency(program: Program, currency: str) -> None:
 def _rule_points(rule: EarningRule, payment: NewPayment, tier: str) -> int:
     """amount / 10^digits x points_per_unit x the tier's multiplier, fraction dropped, then
     capped; in integers (rate in 10^-4, multiplier in 10^-2), so nothing is lost to floats."""
-    rate = scaled(rule.points_per_unit, RATE_PLACES) or 0
-    multiplier = 10**MULTIPLIER_PLACES
+    rate = scaled(rule.points_per_unit, RATE_PLACES)
+    multiplier: int | None = 10**MULTIPLIER_PLACES
     for entry in rule.tier_multipliers:
         if entry.tier == tier:
-            multiplier = scaled(entry.multiplier, MULTIPLIER_PLACES) or 0
+            multiplier = scaled(entry.multiplier, MULTIPLIER_PLACES)
+    assert rate is not None and multiplier is not None, "rules are checked when saved"
     scale = 10 ** (minor_digits(payment.currency) + RATE_PLACES + MULTIPLIER_PLACES)
     points = payment.amount * rate * multiplier // scale
     return min(points, rule.max_points) if rule.max_points else points
@@ -1023,6 +1046,50 @@ def payment_earns(rules: list[EarningRule], payment: NewPayment, tier: str) -> l
 
 def welcome_earns(rules: list[EarningRule]) -> list[Earn]:
     return [Earn(r, r.points) for r in rules if r.trigger is RuleTrigger.ACCOUNT_CREATED]
+
+
+def starting_tier(program: Program) -> str:
+    """The tier of a new account: the one its lifetime points of 0 reach (if any tier starts
+    at 0)."""
+    return tier_for(0, 0, program.tiers, "")
+
+
+def welcomed_tier(program: Program) -> str:
+    """The tier a new account has once its welcome bonus is credited: what a payment that
+    enrolls it earns by."""
+    bonus = sum(earn.points for earn in welcome_earns(program.earning_rules))
+    return tier_for(0, bonus, program.tiers, starting_tier(program))
+
+
+@dataclass(frozen=True)
+class Credited:
+    account: Account  # after the earns
+    transactions: list[PointsTransaction]
+    # A transaction event per earn, each followed by a tier_changed event if it promoted.
+    events: list[Event]
+
+
+def credit_earns(
+    account: Account,
+    earns: list[Earn],
+    origin: tuple[OriginKind, str],
+    metadata: dict[str, str],
+    program: Program,
+    now: datetime,
+) -> Credited:
+    """`earns` credited in order to `account`. An origin id "" means each earn's own rule
+    (a welcome bonus is caused by its rule)."""
+    transactions, new_events = [], []
+    for earn in earns:
+        before = account
+        account = credited(account, earn.points, program.tiers, now)
+        cause = (origin[0], origin[1] or earn.rule.id)
+        ptx = earn_transaction(account, earn, cause, metadata)
+        transactions.append(ptx)
+        new_events.append(transaction_event(ptx, program.id))
+        if account.tier != before.tier:
+            new_events.append(account_event(EventType.ACCOUNT_TIER_CHANGED, account))
+    return Credited(account, transactions, new_events)
 
 
 def credited(account: Account, points: int, tiers: list[Tier], now: datetime) -> Account:
@@ -1086,11 +1153,19 @@ def refund_reversals(
     return due
 
 
-def debited_by_reversal(account: Account, points: int, now: datetime) -> Account:
-    """The account after a reversal takes `points` back: it may go below zero (the points
-    were given back even if spent); lifetime points and tier stay."""
-    posting = check(
-        account, change(TransactionType.REVERSE, Direction.DEBIT, points, may_overdraw=True)
+def reversed_by(
+    account: Account, original: PointsTransaction, points: int, now: datetime, *, refund: bool
+) -> Account:
+    """The account after reversing `points` of `original`. A reversal may take the balance
+    below zero (points given back are taken back even if spent); lifetime points and tier
+    stay. It needs an ACTIVE account, except a refund's, which a CLOSED account takes too:
+    the money went back whatever became of the account, and the refund must not wait for a
+    reopen that the customer's newer ACTIVE account would forbid."""
+    if not (refund and account.status is AccountStatus.CLOSED):
+        require_active(account)
+    direction = original.direction.opposite()
+    posting = within_bounds(
+        account, change(TransactionType.REVERSE, direction, points, may_overdraw=True)
     )
     return revised(account, now, balance=posting.balance_after)
 

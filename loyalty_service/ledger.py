@@ -48,7 +48,6 @@ from .domain import (
     RequestIdReused,
     TransactionFilter,
     TransactionNotFound,
-    TransactionType,
     account_event,
     transaction_event,
 )
@@ -64,7 +63,9 @@ def system_clock() -> datetime:
 
 
 class _Moved(Exception):
-    """A merge moved a transaction to another account between our read and our lock."""
+    """What the transaction read moved before it could lock it: a merge moved a transaction
+    to another account, or a racing payment enrolled the customer. Ledger._run starts the
+    transaction again, which then finds the row where it is now."""
 
 
 Item = TypeVar("Item")
@@ -275,8 +276,7 @@ class Ledger:
             enrollment = await _enroll(conn, found, customer, metadata, self.clock())
             if enrollment is None:
                 assert customer is not None  # accounts without a customer never conflict
-                await self._raise_already_exists(conn, program, customer)
-            assert enrollment is not None
+                raise await self._already_exists(conn, program, customer)
             await store.append_events(conn, enrollment.events)
             return enrollment.account
 
@@ -480,31 +480,11 @@ class Ledger:
             if original.account != account.id:
                 raise _Moved
             points = domain.check_reversal(original, amount)
-            direction = original.direction.opposite()
-            posting = domain.check(
-                account,
-                domain.change(TransactionType.REVERSE, direction, points, may_overdraw=True),
-            )
-            now = self.clock()
-            reversal = PointsTransaction(
-                id=domain.new_id("ptx_"),
-                account=account.id,
-                type=TransactionType.REVERSE,
-                direction=direction,
-                amount=points,
-                points_after=posting.balance_after,
-                reason=reason,
-                origin_kind=original.origin_kind,
-                origin_id=original.origin_id,
-                metadata={},
-                create_time=now,
-                reverses=original.id,
-            )
+            account = domain.reversed_by(account, original, points, self.clock(), refund=False)
+            origin = (original.origin_kind, original.origin_id)
+            reversal = domain.reversal_transaction(account, original, points, origin, reason)
             await store.add_reversed_amount(conn, original.id, points)
-            await store.insert_transaction(conn, reversal)
-            await store.save_totals(
-                conn, account.id, posting.balance_after, posting.lifetime_after, now
-            )
+            await _write_postings(conn, account, [reversal])
             await store.append_events(conn, [transaction_event(reversal, account.program)])
             return reversal
 
@@ -643,7 +623,7 @@ class Ledger:
                     return result
             except _Moved:
                 continue
-        raise RuntimeError(f"{method}: the rows kept moving under concurrent merges")
+        raise RuntimeError(f"{method}: the rows kept moving under concurrent changes")
 
     @staticmethod
     async def _lock_account(conn: Conn, account_id: str) -> Account:
@@ -657,12 +637,12 @@ class Ledger:
             await store.save_account(conn, account)
         except store.ActiveCustomerTaken:
             assert account.customer is not None
-            await self._raise_already_exists(conn, account.program, account.customer)
+            raise await self._already_exists(conn, account.program, account.customer) from None
 
     @staticmethod
-    async def _raise_already_exists(conn: Conn, program: str, customer: str) -> None:
+    async def _already_exists(conn: Conn, program: str, customer: str) -> AccountAlreadyExists:
         existing = await store.find_active_account(conn, program, customer)
-        raise AccountAlreadyExists(
+        return AccountAlreadyExists(
             f"customer {customer} already has ACTIVE account {existing} in {program}",
             existingAccount=existing or "",
             program=program,
@@ -700,7 +680,7 @@ async def _enroll(
         lifetime_points=0,
         # A tier from 0 lifetime points holds from the start (no tier_changed event: the
         # account is created in it).
-        tier=domain.tier_for(0, 0, program.tiers, ""),
+        tier=domain.starting_tier(program),
         metadata=metadata,
         create_time=now,
         update_time=now,
@@ -708,37 +688,11 @@ async def _enroll(
     if not await store.insert_account(conn, account):
         return None
     welcome = domain.welcome_earns(program.earning_rules)
-    credited, transactions, bonus_events = _credit(
-        account, welcome, (OriginKind.RULE, ""), {}, program, now
-    )
-    if transactions:
-        await _write_postings(conn, credited, transactions)
-    created = [account_event(EventType.ACCOUNT_CREATED, account), *bonus_events]
-    return _Enrollment(credited, transactions, created)
-
-
-def _credit(
-    account: Account,
-    earns: list[domain.Earn],
-    origin: tuple[OriginKind, str],
-    metadata: dict[str, str],
-    program: Program,
-    now: datetime,
-) -> tuple[Account, list[PointsTransaction], list[Event]]:
-    """The account after crediting `earns` in order, their ledger rows, and their events: a
-    transaction event each, followed by a tier_changed event when it promoted the account.
-    An origin id "" means each earn's rule (a welcome bonus is caused by its rule)."""
-    transactions, new_events = [], []
-    for earn in earns:
-        before = account
-        account = domain.credited(account, earn.points, program.tiers, now)
-        cause = (origin[0], origin[1] or earn.rule.id)
-        ptx = domain.earn_transaction(account, earn, cause, metadata)
-        transactions.append(ptx)
-        new_events.append(transaction_event(ptx, program.id))
-        if account.tier != before.tier:
-            new_events.append(account_event(EventType.ACCOUNT_TIER_CHANGED, account))
-    return account, transactions, new_events
+    bonus = domain.credit_earns(account, welcome, (OriginKind.RULE, ""), {}, program, now)
+    if bonus.transactions:
+        await _write_postings(conn, bonus.account, bonus.transactions)
+    created = [account_event(EventType.ACCOUNT_CREATED, account), *bonus.events]
+    return _Enrollment(bonus.account, bonus.transactions, created)
 
 
 async def _write_postings(
@@ -787,8 +741,8 @@ async def _settle(
         if not program.auto_enroll or program.status is not ProgramStatus.ACTIVE:
             return result(PaymentOutcome.NOT_ENROLLED), [], []
         # Only a payment that earns enrolls: one that earns nothing leaves no empty account.
-        starting_tier = domain.tier_for(0, 0, program.tiers, "")
-        if not domain.payment_earns(program.earning_rules, new, starting_tier):
+        # It earns by the tier the new account will have, after its welcome bonus.
+        if not domain.payment_earns(program.earning_rules, new, domain.welcomed_tier(program)):
             return result(PaymentOutcome.NO_POINTS), [], []
         enrollment = await _enroll(conn, program, new.customer, {}, now)
         if enrollment is None:
@@ -796,19 +750,21 @@ async def _settle(
             # start again, and credit the account it made.
             raise _Moved
         account = enrollment.account
-    enrolled = enrollment.transactions if enrollment else []
-    new_events = enrollment.events if enrollment else []
     # The tier when the payment is recorded: for a new member, after the welcome bonus.
     earns = domain.payment_earns(program.earning_rules, new, account.tier)
-    if not earns:
-        return result(PaymentOutcome.NO_POINTS, account, enrolled, bool(enrollment)), [], new_events
+    if not earns:  # a member's payment (an enrolling one earns: see above)
+        return result(PaymentOutcome.NO_POINTS, account), [], []
     origin = (OriginKind.PAYMENT, new.id)
-    account, earned, earn_events = _credit(account, earns, origin, new.metadata, program, now)
-    await _write_postings(conn, account, earned)
+    earned = domain.credit_earns(account, earns, origin, new.metadata, program, now)
+    await _write_postings(conn, earned.account, earned.transactions)
+    bonus = enrollment.transactions if enrollment else []
+    created = enrollment.events if enrollment else []
     return (
-        result(PaymentOutcome.EARNED, account, enrolled + earned, bool(enrollment)),
-        [ptx.id for ptx in earned],
-        new_events + earn_events,
+        result(
+            PaymentOutcome.EARNED, earned.account, bonus + earned.transactions, bool(enrollment)
+        ),
+        [ptx.id for ptx in earned.transactions],
+        created + earned.events,
     )
 
 
@@ -827,7 +783,7 @@ async def _reverse_for_refund(
         raise _Moved  # a merge moved them between the read and the lock
     reversals = []
     for earn, points in domain.refund_reversals(earns, payment.amount, refunded):
-        account = domain.debited_by_reversal(account, points, now)
+        account = domain.reversed_by(account, earn, points, now, refund=True)
         reversals.append(
             domain.reversal_transaction(
                 account, earn, points, (OriginKind.REFUND, refund.id),
@@ -842,7 +798,8 @@ async def _reverse_for_refund(
 
 def _fingerprint(request: object) -> str:
     """The digest of what a request asked for: a replay must ask for the same."""
-    return hashlib.sha256(json.dumps(store.to_json(request), sort_keys=True).encode()).hexdigest()
+    body = json.dumps(store.to_json(request), sort_keys=True, default=str).encode()
+    return hashlib.sha256(body).hexdigest()
 
 
 def _posting_keys(posting: store.NewPosting) -> tuple[object, ...]:
@@ -854,8 +811,7 @@ def _posting_keys(posting: store.NewPosting) -> tuple[object, ...]:
 
 def _request_key(method: str, request_id: str, params: object) -> tuple[str, str]:
     """The stored key of a request id, and the fingerprint of what it asked for."""
-    body = json.dumps(params, sort_keys=True, default=str).encode()
-    return f"{method}:{request_id}", hashlib.sha256(body).hexdigest()
+    return f"{method}:{request_id}", _fingerprint(params)
 
 
 def _check_fingerprint(stored: store.StoredResponse, fingerprint: str, request_id: str) -> None:

@@ -341,16 +341,6 @@ _SAVE_ACCOUNT = _sql(
         }
     )
 )
-_SAVE_TOTALS = _sql(
-    sa.update(accounts)
-    .where(accounts.c.id == _ACCOUNT_ID)
-    .values(
-        balance=_bind(accounts.c.balance),
-        lifetime_points=_bind(accounts.c.lifetime_points),
-        update_time=_bind(accounts.c.update_time),
-        version=accounts.c.version + _const(1),
-    )
-)
 
 
 _LOCK_ACTIVE_ACCOUNT = _sql(
@@ -449,20 +439,6 @@ async def save_account(conn: Conn, account: Account) -> None:
         if error.diag.constraint_name == ACTIVE_CUSTOMER_INDEX:
             raise ActiveCustomerTaken from None
         raise
-
-
-async def save_totals(
-    conn: Conn, account_id: str, balance: int, lifetime_points: int, now: datetime
-) -> None:
-    await conn.execute(
-        _SAVE_TOTALS,
-        {
-            "id": account_id,
-            "balance": balance,
-            "lifetime_points": lifetime_points,
-            "update_time": now,
-        },
-    )
 
 
 @functools.cache
@@ -1010,6 +986,8 @@ async def append_events(conn: Conn, new_events: list[Event]) -> None:
     last lock any transaction takes (no deadlock with row locks taken before it) and why it
     comes last (it is held for the shortest time).
     """
+    if not new_events:
+        return  # nothing changed (a payment that earned nothing): no need to queue for the head
     rows = [
         {
             "ord": ord_,
@@ -1242,6 +1220,17 @@ class PaidPayment:
     refunded_amount: int
 
 
+async def _claim(
+    conn: Conn, claim_sql: str, stored_sql: str, params: dict[str, object]
+) -> StoredResponse | None:
+    """Inserts the row that claims an id (`params["id"]`), or returns what is stored for it."""
+    if await _one(conn, claim_sql, params) is not None:
+        return None
+    row = await _one(conn, stored_sql, {"id": params["id"]})
+    assert row is not None, "a conflicting claim is committed before the conflict shows"
+    return StoredResponse(row.fingerprint, row.response)
+
+
 async def claim_payment(
     conn: Conn, payment: NewPayment, fingerprint: str, now: datetime
 ) -> StoredResponse | None:
@@ -1258,11 +1247,7 @@ async def claim_payment(
         "fingerprint": fingerprint,
         "create_time": now,
     }
-    if await _one(conn, _CLAIM_PAYMENT, params) is not None:
-        return None
-    row = await _one(conn, _STORED_PAYMENT, {"id": payment.id})
-    assert row is not None, "a conflicting payment is committed before the conflict shows"
-    return StoredResponse(row.fingerprint, row.response)
+    return await _claim(conn, _CLAIM_PAYMENT, _STORED_PAYMENT, params)
 
 
 async def save_payment(
@@ -1299,11 +1284,7 @@ async def claim_refund(
         "fingerprint": fingerprint,
         "create_time": now,
     }
-    if await _one(conn, _CLAIM_REFUND, params) is not None:
-        return None
-    row = await _one(conn, _STORED_REFUND, {"id": refund.id})
-    assert row is not None, "a conflicting refund is committed before the conflict shows"
-    return StoredResponse(row.fingerprint, row.response)
+    return await _claim(conn, _CLAIM_REFUND, _STORED_REFUND, params)
 
 
 async def save_refund(conn: Conn, refund_id: str, response: object) -> None:

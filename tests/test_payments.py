@@ -269,6 +269,18 @@ def test_create_program_with_rules_returns_them_with_ids_and_version_1(programs)
     assert programs.GetProgram(programs_pb2.GetProgramRequest(id=created.id)) == created
 
 
+def test_a_decimal_spelled_otherwise_is_no_new_version(programs):
+    rule = new_program(
+        programs, per_unit("1.5", tier_multipliers=_multiplier("Gold", "2")), tiers=(("Gold", 5),)
+    )
+    (created,) = rule.earning_rules
+    same = per_unit("1.50", id=created.id, tier_multipliers=_multiplier("Gold", "2.0"))
+    (kept,) = set_rules(programs, rule.id, same).earning_rules
+    assert (kept.id, kept.version) == (created.id, 1)
+    changed = per_unit("1.51", id=created.id, tier_multipliers=_multiplier("Gold", "2.0"))
+    assert set_rules(programs, rule.id, changed).earning_rules[0].version == 2
+
+
 def test_rule_ids_sent_on_create_are_ignored(programs):
     taken = new_program(programs, per_unit("1")).earning_rules[0].id
     created = new_program(programs, per_unit("1", id=taken), welcome(5, id="not an id"))
@@ -490,6 +502,14 @@ def _multiplier(tier: str, multiplier: str) -> list[programs_pb2.TierMultiplier]
             "program.earning_rules[0].tier_multipliers",
         ),
         ([per_unit("1") for _ in range(21)], "program.earning_rules"),
+        (
+            [per_unit("1", start_time=timestamp_pb2.Timestamp(seconds=10**12))],
+            "program.earning_rules[0].start_time",
+        ),
+        (
+            [per_unit("1", end_time=timestamp_pb2.Timestamp(seconds=-(10**12)))],
+            "program.earning_rules[0].end_time",
+        ),
     ],
 )
 def test_rule_validation(programs, rules, field):
@@ -1096,6 +1116,36 @@ def test_a_closed_account_next_to_an_active_one(accounts, points, programs):
     assert (get(accounts, new.id).balance, get(accounts, old.id).balance) == (10, 0)
 
 
+def test_enrolling_is_decided_at_the_tier_the_welcome_bonus_gives(accounts, points, programs):
+    """A new member earns at the tier its welcome bonus reaches, and a payment enrolls only
+    if it earns there."""
+
+    def program_with(multiplier: str) -> programs_pb2.Program:
+        return new_program(
+            programs,
+            welcome(100),
+            per_unit("1", tier_multipliers=_multiplier("Silver", multiplier)),
+            auto_enroll=True,
+            tiers=(("Bronze", 0), ("Silver", 50)),
+        )
+
+    # 0.50 EUR: 0 points at 1x (Bronze), 1 at 3x (Silver, after the bonus): it enrolls.
+    tripled = program_with("3")
+    customer = unique()
+    response = pay(points, tripled, customer, 50)
+    assert (response.payment.outcome, response.payment.enrolled) == (EARNED, True)
+    assert [t.amount for t in response.points_transactions] == [100, 1]
+    assert (response.account.tier, response.account.balance) == ("Silver", 101)
+
+    # 10 EUR: 10 points at 1x, 0 at 0.01x (Silver): no points, and no account.
+    tiny = program_with("0.01")
+    customer = unique()
+    response = pay(points, tiny, customer, 1000)
+    assert (response.payment.outcome, response.payment.enrolled) == (NO_POINTS, False)
+    assert (list(response.points_transactions), response.HasField("account")) == ([], False)
+    assert accounts_of(accounts, tiny.id, customer) == []
+
+
 def test_no_points_does_not_enroll(accounts, points, programs):
     # Below the minimum.
     program = new_program(programs, welcome(5), per_unit("1", min_amount=1000), auto_enroll=True)
@@ -1213,6 +1263,9 @@ def test_points_limit_exceeded_records_nothing(accounts, points, programs):
         ({"currency": ""}, "currency"),
         ({"currency": "EURO"}, "currency"),
         ({"occurred_at": None}, "occurred_at"),
+        # Past what a timestamp may say (year 9999, whole nanoseconds).
+        ({"occurred_at": timestamp_pb2.Timestamp(seconds=10**12)}, "occurred_at"),
+        ({"occurred_at": timestamp_pb2.Timestamp(seconds=0, nanos=-1)}, "occurred_at"),
         # PostgreSQL text cannot hold U+0000.
         ({"payment_id": "pay\x00"}, "payment_id"),
         ({"customer": "c\x00"}, "customer"),
@@ -1230,8 +1283,10 @@ def test_bad_payment_fields(accounts, points, programs, fields, field):
     bad = points_pb2.RecordPaymentRequest()
     bad.CopyFrom(request)
     for name, value in fields.items():
-        if name == "occurred_at":
+        if name == "occurred_at" and value is None:
             bad.ClearField("occurred_at")
+        elif name == "occurred_at":
+            bad.occurred_at.CopyFrom(value)
         elif name == "metadata":
             bad.metadata.update(value)
         else:
@@ -1531,17 +1586,40 @@ def test_a_refund_never_demotes(accounts, points, programs):
     assert (after.balance, after.lifetime_points, after.tier) == (0, 10, "Silver")
 
 
-def test_a_refund_on_a_closed_account_fails_until_it_is_reopened(accounts, points, programs):
+def test_a_refund_reverses_on_a_closed_account_even_when_it_cannot_reopen(
+    accounts, points, programs, assert_invariants
+):
+    """The customer closed the account that earned and opened another: reopening the first
+    is impossible now (one ACTIVE account per customer), and the refund must still land."""
     program = new_program(programs, per_unit("1"))
-    member = enroll(accounts, program)
-    paid = pay(points, program, member.customer, 1000)
-    accounts.CloseAccount(accounts_pb2.CloseAccountRequest(id=member.id))
-    request = refund_request(paid.payment.id, 1000)
-    fails(points.RecordRefund, request, FAILED_PRECONDITION, "ACCOUNT_NOT_ACTIVE")
-    accounts.ReopenAccount(accounts_pb2.ReopenAccountRequest(id=member.id))
-    response = points.RecordRefund(request)
-    assert response.refund.refunded_amount == 1000
-    assert response.account.balance == 0
+    old = enroll(accounts, program)
+    paid = pay(points, program, old.customer, 1000)
+    accounts.CloseAccount(accounts_pb2.CloseAccountRequest(id=old.id))
+    new = enroll(accounts, program, old.customer)
+    fails(
+        accounts.ReopenAccount,
+        accounts_pb2.ReopenAccountRequest(id=old.id),
+        grpc.StatusCode.ALREADY_EXISTS,
+        "ACCOUNT_ALREADY_EXISTS",
+    )
+
+    refunded = refund(points, paid.payment.id, 600)
+    (reversal,) = refunded.points_transactions
+    assert (reversal.account, reversal.amount, reversal.points_after) == (old.id, 6, 4)
+    assert (refunded.account.id, refunded.account.status, refunded.account.balance) == (
+        old.id,
+        CLOSED,
+        4,
+    )
+    assert get(accounts, new.id).balance == 0
+    # A manual reversal still needs an ACTIVE account.
+    fails(
+        points.ReversePointsTransaction,
+        points_pb2.ReversePointsTransactionRequest(id=paid.points_transactions[0].id),
+        FAILED_PRECONDITION,
+        "ACCOUNT_NOT_ACTIVE",
+    )
+    assert_invariants()
 
 
 def test_a_refund_after_a_merge_reverses_on_the_surviving_account(
