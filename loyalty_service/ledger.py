@@ -418,7 +418,7 @@ class Ledger:
         if posted.points_after is not None:
             return replace(ptx, points_after=posted.points_after)
         if posted.prior is not None:
-            _check_fingerprint(posted.prior, fingerprint, request_id)
+            _check_fingerprint(posted.prior, fingerprint, _request_id_reused(request_id))
             async with db.connection(self.pool) as conn:
                 first = await store.get_transaction(conn, posted.prior.response)
             assert first is not None  # transactions are never deleted
@@ -510,11 +510,10 @@ class Ledger:
             now = self.clock()
             stored = await store.claim_payment(conn, new, fingerprint, now)
             if stored is not None:
-                if stored.fingerprint != fingerprint:
-                    raise PaymentIdReused(
-                        f"payment {new.id} was recorded with other fields", payment=new.id
-                    )
-                return store.from_json(PaymentResult, stored.response)
+                reused = PaymentIdReused(
+                    f"payment {new.id} was recorded with other fields", payment=new.id
+                )
+                return _replay(stored, fingerprint, reused, PaymentResult)
             # After the claim: a replay answers as the first time, whatever changed since.
             domain.check_payment_currency(program, new.currency)
             result, earn_ids, new_events = await _settle(conn, program, new, now)
@@ -542,11 +541,10 @@ class Ledger:
             now = self.clock()
             stored = await store.claim_refund(conn, new, fingerprint, now)
             if stored is not None:
-                if stored.fingerprint != fingerprint:
-                    raise RefundIdReused(
-                        f"refund {new.id} was recorded with other fields", refund=new.id
-                    )
-                return store.from_json(RefundResult, stored.response)
+                reused = RefundIdReused(
+                    f"refund {new.id} was recorded with other fields", refund=new.id
+                )
+                return _replay(stored, fingerprint, reused, RefundResult)
             domain.check_refund(payment.id, payment.amount, payment.refunded_amount, new.amount)
             refunded = payment.refunded_amount + new.amount
             account, reversals = None, []
@@ -616,7 +614,8 @@ class Ledger:
                     if request_id:
                         stored = await store.claim_request(conn, key, fingerprint, self.clock())
                         if stored is not None:
-                            return _replay(stored, fingerprint, request_id, result_type)
+                            reused = _request_id_reused(request_id)
+                            return _replay(stored, fingerprint, reused, result_type)
                     result = await work(conn)
                     if request_id:
                         await store.save_response(conn, key, store.to_json(result))
@@ -814,17 +813,24 @@ def _request_key(method: str, request_id: str, params: object) -> tuple[str, str
     return f"{method}:{request_id}", _fingerprint(params)
 
 
-def _check_fingerprint(stored: store.StoredResponse, fingerprint: str, request_id: str) -> None:
+def _request_id_reused(request_id: str) -> RequestIdReused:
+    return RequestIdReused(
+        f"request_id {request_id} was used for a different request", requestId=request_id
+    )
+
+
+def _check_fingerprint(
+    stored: store.StoredResponse, fingerprint: str, reused: RequestIdReused
+) -> None:
+    """A replay must ask for what the first call asked for; `reused` says it did not."""
     if stored.fingerprint != fingerprint:
-        raise RequestIdReused(
-            f"request_id {request_id} was used for a different request", requestId=request_id
-        )
+        raise reused
 
 
 def _replay(
-    stored: store.StoredResponse, fingerprint: str, request_id: str, result_type: type[T]
+    stored: store.StoredResponse, fingerprint: str, reused: RequestIdReused, result_type: type[T]
 ) -> T:
-    _check_fingerprint(stored, fingerprint, request_id)
+    _check_fingerprint(stored, fingerprint, reused)
     return store.from_json(result_type, stored.response)
 
 
