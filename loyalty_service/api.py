@@ -55,6 +55,13 @@ class LoyaltyPrograms(programs_pb2_grpc.LoyaltyProgramsServicer):
         return convert.program_pb(await self.ledger.get_program(program_id))
 
     @translated
+    async def GetEarningRule(
+        self, request: programs_pb2.GetEarningRuleRequest, context: Context
+    ) -> programs_pb2.EarningRule:
+        rule_id, version = convert.rule_version(request)
+        return convert.rule_pb(await self.ledger.get_earning_rule(rule_id, version))
+
+    @translated
     async def ListPrograms(
         self, request: programs_pb2.ListProgramsRequest, context: Context
     ) -> programs_pb2.ListProgramsResponse:

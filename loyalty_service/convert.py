@@ -377,6 +377,15 @@ def _external_id(v: Violations, field_path: str, value: str) -> str:
     return v.text(field_path, value, domain.MAX_PAYMENT_ID_LENGTH)
 
 
+def rule_version(request: programs_pb2.GetEarningRuleRequest) -> tuple[str, int | None]:
+    v = Violations()
+    rule_id = v.id("id", request.id, domain.RULE_ID)
+    if request.version < 0:
+        v.add("version", "must not be negative (0: the latest)")
+    v.raise_if_any()
+    return rule_id, request.version or None
+
+
 def program_status_filter(request: programs_pb2.ListProgramsRequest) -> ProgramStatus | None:
     v = Violations()
     status = v.enum("status", request.status, _PROGRAM_STATUS_FROM_PB, required=False)
@@ -454,11 +463,11 @@ def program_pb(program: Program) -> programs_pb2.Program:
         status=_PROGRAM_STATUS_TO_PB[program.status],
         create_time=timestamp(program.create_time),
         update_time=timestamp(program.update_time),
-        earning_rules=[_rule_pb(rule) for rule in program.earning_rules],
+        earning_rules=[rule_pb(rule) for rule in program.earning_rules],
     )
 
 
-def _rule_pb(rule: EarningRule) -> programs_pb2.EarningRule:
+def rule_pb(rule: EarningRule) -> programs_pb2.EarningRule:
     return programs_pb2.EarningRule(
         id=rule.id,
         version=rule.version,

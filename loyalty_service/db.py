@@ -126,6 +126,18 @@ account_merges = sa.Table(
     sa.Column("create_time", sa.DateTime(timezone=True), nullable=False),
 )
 
+# Every version of every earning rule, kept for good: an earn names its rule and version,
+# and this says what that version was. Programs hold only the current versions.
+earning_rule_versions = sa.Table(
+    "earning_rule_versions",
+    metadata,
+    sa.Column("rule_id", sa.Text, primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("program_id", sa.Text, sa.ForeignKey("programs.id"), nullable=False),
+    sa.Column("rule", JSONB, nullable=False),  # the EarningRule as JSON (store.to_json)
+    sa.Column("create_time", sa.DateTime(timezone=True), nullable=False),
+)
+
 # Payments, kept for good: the payment id is their exactly-once key, and refunds find the
 # earns to reverse through it. A row is inserted first (claiming the id) and completed with
 # its outcome in the same transaction.

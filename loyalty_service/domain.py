@@ -324,6 +324,10 @@ class RefundExceedsPayment(FailedPrecondition):
     reason = "REFUND_EXCEEDS_PAYMENT"
 
 
+class EarningRuleNotFound(NotFound):
+    reason = "EARNING_RULE_NOT_FOUND"
+
+
 class PaymentNotFound(NotFound):
     reason = "PAYMENT_NOT_FOUND"
 

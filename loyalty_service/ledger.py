@@ -23,6 +23,7 @@ from .domain import (
     AccountNotClosed,
     AccountNotFound,
     AccountStatus,
+    EarningRuleNotFound,
     Event,
     EventFilter,
     EventType,
@@ -202,6 +203,7 @@ class Ledger:
             )
             if not await store.insert_program(conn, program):
                 raise ProgramAlreadyExists(f"program {new_id} already exists", program=new_id)
+            await store.save_rule_versions(conn, program.id, program.earning_rules, now)
             return program
 
         # No program events: the event log records accounts and transactions only.
@@ -214,6 +216,20 @@ class Ledger:
         if program is None:
             raise _program_not_found(program_id)
         return program
+
+    async def get_earning_rule(self, rule_id: str, version: int | None) -> domain.EarningRule:
+        """A rule as it was at `version`, or as it is now (None), also after its removal."""
+        async with db.connection(self.pool) as conn:
+            rule = await store.get_rule_version(conn, rule_id, version)
+        if rule is None:
+            raise EarningRuleNotFound(
+                f"earning rule {rule_id} has no version {version}"
+                if version
+                else f"earning rule {rule_id} does not exist",
+                rule=rule_id,
+                version=version or "",
+            )
+        return rule
 
     async def list_programs(
         self, status: ProgramStatus | None, after: int | None, limit: int
@@ -252,6 +268,7 @@ class Ledger:
                 earning_rules=rules,
             )
             await store.save_program(conn, updated)
+            await store.save_rule_versions(conn, program_id, rules, updated.update_time)
             return updated
 
         params = {"id": program_id, "changes": store.to_json(changes)}

@@ -27,6 +27,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from .db import (
     account_merges,
     accounts,
+    earning_rule_versions,
     event_log_head,
     events,
     idempotency_keys,
@@ -264,6 +265,46 @@ async def share_program(conn: Conn, program_id: str) -> Program | None:
 
 async def save_program(conn: Conn, program: Program) -> None:
     await conn.execute(_SAVE_PROGRAM, _program_params(program))
+
+
+_INSERT_RULE_VERSIONS = _sql(
+    sa.text("""
+    INSERT INTO earning_rule_versions (rule_id, version, program_id, rule, create_time)
+    SELECT r.rule ->> 'id', CAST(r.rule ->> 'version' AS int), :program_id, r.rule, :create_time
+    FROM jsonb_array_elements(:rules) AS r(rule)
+    ON CONFLICT DO NOTHING
+    """)
+)
+_rule_version = earning_rule_versions.c
+_GET_RULE_VERSION = _sql(
+    sa.select(_rule_version.rule)
+    .where(_rule_version.rule_id == _bind(_rule_version.rule_id))
+    .order_by(_rule_version.version.desc())
+    .limit(_const(1))
+)
+_GET_RULE_VERSION_OF = _sql(
+    sa.select(_rule_version.rule).where(
+        _rule_version.rule_id == _bind(_rule_version.rule_id),
+        _rule_version.version == _bind(_rule_version.version),
+    )
+)
+
+
+async def save_rule_versions(
+    conn: Conn, program_id: str, rules: list[EarningRule], now: datetime
+) -> None:
+    """Keeps the rules' versions (those already kept stay as they were)."""
+    params = {"program_id": program_id, "rules": Jsonb(to_json(rules)), "create_time": now}
+    await conn.execute(_INSERT_RULE_VERSIONS, params)
+
+
+async def get_rule_version(conn: Conn, rule_id: str, version: int | None) -> EarningRule | None:
+    """A version of a rule, or its latest (also of a rule since removed) when None."""
+    if version is None:
+        row = await _one(conn, _GET_RULE_VERSION, {"rule_id": rule_id})
+    else:
+        row = await _one(conn, _GET_RULE_VERSION_OF, {"rule_id": rule_id, "version": version})
+    return from_json(EarningRule, row.rule) if row else None
 
 
 async def program_has_accounts(conn: Conn, program_id: str) -> bool:

@@ -281,6 +281,45 @@ def test_a_decimal_spelled_otherwise_is_no_new_version(programs):
     assert set_rules(programs, rule.id, changed).earning_rules[0].version == 2
 
 
+def test_every_version_of_a_rule_stays_readable(programs):
+    program = new_program(programs, per_unit("1", name="Base"), welcome(5, name="Hello"))
+    base, hello = program.earning_rules
+    changed = RULE()
+    changed.CopyFrom(base)
+    changed.points_per_unit = "2"
+    (bumped,) = set_rules(programs, program.id, changed).earning_rules  # Hello is removed
+
+    def read(rule_id: str, version: int = 0) -> programs_pb2.EarningRule:
+        return programs.GetEarningRule(
+            programs_pb2.GetEarningRuleRequest(id=rule_id, version=version)
+        )
+
+    assert read(base.id, 1) == base
+    assert read(base.id, 2) == bumped == read(base.id)
+    assert read(hello.id) == hello == read(hello.id, 1)  # removed, still readable
+    missing = fails(
+        programs.GetEarningRule,
+        programs_pb2.GetEarningRuleRequest(id=base.id, version=3),
+        NOT_FOUND,
+        "EARNING_RULE_NOT_FOUND",
+    )
+    assert missing.metadata == {"rule": base.id, "version": "3"}
+    fails(
+        programs.GetEarningRule,
+        programs_pb2.GetEarningRuleRequest(id="rule_" + "x" * 20),
+        NOT_FOUND,
+        "EARNING_RULE_NOT_FOUND",
+    )
+    for bad, field in (({"id": "nope"}, "id"), ({"id": base.id, "version": -1}, "version")):
+        found = fails(
+            programs.GetEarningRule,
+            programs_pb2.GetEarningRuleRequest(**bad),
+            INVALID,
+            "INVALID_ARGUMENT",
+        )
+        assert set(found.field_violations) == {field}
+
+
 def test_rule_ids_sent_on_create_are_ignored(programs):
     taken = new_program(programs, per_unit("1")).earning_rules[0].id
     created = new_program(programs, per_unit("1", id=taken), welcome(5, id="not an id"))

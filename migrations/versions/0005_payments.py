@@ -26,6 +26,14 @@ def upgrade() -> None:
     op.add_column("points_transactions", sa.Column("rule_id", sa.Text))
     op.add_column("points_transactions", sa.Column("rule_version", sa.Integer))
     op.create_table(
+        "earning_rule_versions",
+        sa.Column("rule_id", sa.Text, primary_key=True),
+        sa.Column("version", sa.Integer, primary_key=True),
+        sa.Column("program_id", sa.Text, sa.ForeignKey("programs.id"), nullable=False),
+        sa.Column("rule", JSONB, nullable=False),
+        sa.Column("create_time", TIME, nullable=False),
+    )
+    op.create_table(
         "payments",
         sa.Column("id", sa.Text, primary_key=True),
         sa.Column("program_id", sa.Text, sa.ForeignKey("programs.id"), nullable=False),
@@ -60,6 +68,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table("refunds")
     op.drop_table("payments")
+    op.drop_table("earning_rule_versions")
     op.drop_column("points_transactions", "rule_version")
     op.drop_column("points_transactions", "rule_id")
     op.drop_column("programs", "earning_rules")
