@@ -896,8 +896,10 @@ def versioned_rules(
             found.append(FieldViolation(f"{field_path}[{index}].id", "repeats a rule"))
         else:
             old = by_id[rule.id]
-            unchanged = _meaning(replace(rule, version=old.version)) == _meaning(old)
-            result.append(replace(rule, version=old.version if unchanged else old.version + 1))
+            if _meaning(replace(rule, version=old.version)) == _meaning(old):
+                result.append(old)  # as it was saved: its version says what it is
+            else:
+                result.append(replace(rule, version=old.version + 1))
         seen.add(rule.id)
     if found:
         raise InvalidArgument(found)

@@ -520,16 +520,18 @@ class Ledger:
         log's head (last, in append_events)."""
         fingerprint = _fingerprint(new)
 
+        reused = PaymentIdReused(f"payment {new.id} was recorded with other fields", payment=new.id)
+
         async def work(conn: Conn) -> PaymentResult:
             program = await store.share_program(conn, new.program)
             if program is None:
+                # A recorded payment sent again with another program is that, not a typo.
+                if await store.stored_payment(conn, new.id):
+                    raise reused
                 raise _program_not_found(new.program)
             now = self.clock()
             stored = await store.claim_payment(conn, new, fingerprint, now)
             if stored is not None:
-                reused = PaymentIdReused(
-                    f"payment {new.id} was recorded with other fields", payment=new.id
-                )
                 return _replay(stored, fingerprint, reused, PaymentResult)
             # After the claim: a replay answers as the first time, whatever changed since.
             domain.check_payment_currency(program, new.currency)
@@ -549,18 +551,20 @@ class Ledger:
         id, the account holding the earns, the earns (in id order), the event log's head."""
         fingerprint = _fingerprint(new)
 
+        reused = RefundIdReused(f"refund {new.id} was recorded with other fields", refund=new.id)
+
         async def work(conn: Conn) -> RefundResult:
             payment = await store.lock_payment(conn, new.payment_id)
             if payment is None:
+                # A recorded refund sent again with another payment is that, not a typo.
+                if await store.stored_refund(conn, new.id):
+                    raise reused
                 raise PaymentNotFound(
                     f"payment {new.payment_id} was never recorded", payment=new.payment_id
                 )
             now = self.clock()
             stored = await store.claim_refund(conn, new, fingerprint, now)
             if stored is not None:
-                reused = RefundIdReused(
-                    f"refund {new.id} was recorded with other fields", refund=new.id
-                )
                 return _replay(stored, fingerprint, reused, RefundResult)
             domain.check_refund(payment.id, payment.amount, payment.refunded_amount, new.amount)
             refunded = payment.refunded_amount + new.amount
@@ -749,11 +753,11 @@ async def _settle(
 
     if new.customer is None:
         return result(PaymentOutcome.GUEST), [], []
-    account = await store.lock_active_account(conn, program.id, new.customer)
+    account = await _member(conn, program.id, new.customer)
+    if isinstance(account, PaymentOutcome):
+        return result(account), [], []
     enrollment = None
     if account is None:
-        if await store.has_closed_account(conn, program.id, new.customer):
-            return result(PaymentOutcome.ACCOUNT_CLOSED), [], []
         if not program.auto_enroll or program.status is not ProgramStatus.ACTIVE:
             return result(PaymentOutcome.NOT_ENROLLED), [], []
         # Only a payment that earns enrolls: one that earns nothing leaves no empty account.
@@ -782,6 +786,25 @@ async def _settle(
         [ptx.id for ptx in earned.transactions],
         created + earned.events,
     )
+
+
+async def _member(conn: Conn, program: str, customer: str) -> Account | PaymentOutcome | None:
+    """The account a customer's payment credits, locked: their ACTIVE account, or the ACTIVE
+    account one of theirs was merged into (so a merge does not make them a new member, with
+    a second welcome bonus). ACCOUNT_CLOSED if theirs is CLOSED; None if they have none."""
+    account = await store.lock_active_account(conn, program, customer)
+    if account is not None:
+        return account
+    former = await store.former_account(conn, program, customer)
+    if former is None:
+        return None
+    account_id, status = former
+    if status is not AccountStatus.ACTIVE:
+        return PaymentOutcome.ACCOUNT_CLOSED
+    account = await store.lock_account(conn, account_id)
+    if account is None or account.status is not AccountStatus.ACTIVE:
+        raise _Moved  # merged or closed between the read and the lock: start again
+    return account
 
 
 async def _reverse_for_refund(

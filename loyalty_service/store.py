@@ -393,16 +393,23 @@ _LOCK_ACTIVE_ACCOUNT = _sql(
     )
     .with_for_update()
 )
-_HAS_CLOSED_ACCOUNT = _sql(
-    sa.select(
-        sa.exists()
-        .where(
-            accounts.c.program_id == _bind(accounts.c.program_id),
-            accounts.c.customer == _bind(accounts.c.customer),
-            accounts.c.status == _const("CLOSED"),
-        )
-        .label("found")
+# Where a customer's accounts that are not ACTIVE lead: a CLOSED one is itself; a MERGED one
+# leads along merged_into to its survivor (merges can chain: A into B, later B into C). An
+# ACTIVE survivor comes first.
+_FORMER_ACCOUNT = _sql(
+    sa.text("""
+    WITH RECURSIVE chain (id, status, merged_into, depth) AS (
+        SELECT id, status, merged_into, 0 FROM accounts
+        WHERE program_id = :program_id AND customer = :customer AND status <> 'ACTIVE'
+      UNION ALL
+        SELECT a.id, a.status, a.merged_into, chain.depth + 1
+        FROM chain JOIN accounts AS a ON a.id = chain.merged_into
+        WHERE chain.depth < 1000
     )
+    SELECT id, status FROM chain WHERE status <> 'MERGED'
+    ORDER BY status = 'ACTIVE' DESC, id
+    LIMIT 1
+    """)
 )
 _SAVE_POSTED = _sql(
     sa.update(accounts)
@@ -423,10 +430,13 @@ async def lock_active_account(conn: Conn, program: str, customer: str) -> Accoun
     return _account(row) if row else None
 
 
-async def has_closed_account(conn: Conn, program: str, customer: str) -> bool:
-    row = await _one(conn, _HAS_CLOSED_ACCOUNT, {"program_id": program, "customer": customer})
-    assert row is not None
-    return bool(row.found)
+async def former_account(
+    conn: Conn, program: str, customer: str
+) -> tuple[str, AccountStatus] | None:
+    """For a customer with no ACTIVE account in the program: the ACTIVE account one of theirs
+    was merged into, else a CLOSED one of theirs, else None (see _FORMER_ACCOUNT)."""
+    row = await _one(conn, _FORMER_ACCOUNT, {"program_id": program, "customer": customer})
+    return (row.id, AccountStatus(row.status)) if row else None
 
 
 async def save_posted(conn: Conn, account: Account) -> None:
@@ -1289,6 +1299,16 @@ async def claim_payment(
         "create_time": now,
     }
     return await _claim(conn, _CLAIM_PAYMENT, _STORED_PAYMENT, params)
+
+
+async def stored_payment(conn: Conn, payment_id: str) -> StoredResponse | None:
+    row = await _one(conn, _STORED_PAYMENT, {"id": payment_id})
+    return StoredResponse(row.fingerprint, row.response) if row else None
+
+
+async def stored_refund(conn: Conn, refund_id: str) -> StoredResponse | None:
+    row = await _one(conn, _STORED_REFUND, {"id": refund_id})
+    return StoredResponse(row.fingerprint, row.response) if row else None
 
 
 async def save_payment(

@@ -12,10 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 import grpc
+import psycopg
 import pytest
 from google.protobuf import field_mask_pb2, timestamp_pb2
 
 from loyalty_service.pb import accounts_pb2, points_pb2, points_pb2_grpc, programs_pb2
+from tests.conftest import ROOT, libpq_url
 from tests.events_support import all_events, event_of
 from tests.support import (
     ACTIVE,
@@ -26,6 +28,7 @@ from tests.support import (
     REDEEM,
     REVERSE,
     fails,
+    failure,
     get,
     grpcurl,
     post,
@@ -1243,15 +1246,18 @@ def test_unknown_program_records_nothing(accounts, points, programs):
         "PROGRAM_NOT_FOUND",
     )
     assert found.metadata == {"program": missing}
+    # The failed payment left nothing to refund.
+    fails(points.RecordRefund, refund_request(payment_id, 10), NOT_FOUND, "PAYMENT_NOT_FOUND")
     fixed = pay(points, program, member.customer, 1000, payment_id=payment_id)
     assert fixed.account.balance == 10
-    # The failed payment left nothing to refund.
-    fails(
-        points.RecordRefund,
-        refund_request(unique("pay"), 10),
-        NOT_FOUND,
-        "PAYMENT_NOT_FOUND",
+    # Once recorded, the same id with a program that does not exist is a reuse, not a typo.
+    reused = fails(
+        points.RecordPayment,
+        payment(missing, member.customer, 1000, payment_id=payment_id),
+        INVALID,
+        "PAYMENT_ID_REUSED",
     )
+    assert reused.metadata == {"payment": payment_id}
 
 
 def test_points_limit_exceeded_records_nothing(accounts, points, programs):
@@ -1348,6 +1354,9 @@ def test_bad_payment_fields(accounts, points, programs, fields, field):
         ({"amount": 0}, "amount"),
         ({"amount": -1}, "amount"),
         ({"refund_id": "ref\x00"}, "refund_id"),
+        ({"amount": 10**15 + 1}, "amount"),
+        ({"payment_id": "p" * 256}, "payment_id"),
+        ({"payment_id": "pay\x00"}, "payment_id"),
     ],
 )
 def test_bad_refund_fields(accounts, points, programs, fields, field):
@@ -1471,7 +1480,7 @@ def test_concurrent_refunds_of_one_payment_never_reverse_more(
         try:
             return points.RecordRefund(refund_request(paid.payment.id, 300)).refund.amount
         except grpc.RpcError as error:
-            assert error.code() == FAILED_PRECONDITION
+            assert failure(error).reason == "REFUND_EXCEEDS_PAYMENT"
             return None
 
     with ThreadPoolExecutor(8) as pool:
@@ -1499,7 +1508,9 @@ def test_a_refund_racing_a_manual_reversal_reverses_at_most_the_earn(
                 else:
                     refund(points, paid.payment.id, 500)
             except grpc.RpcError as error:
-                assert error.code() == FAILED_PRECONDITION, error
+                # The earn fully reversed (by hand), or the payment fully refunded.
+                reason = failure(error).reason
+                assert reason in ("ALREADY_REVERSED", "REFUND_EXCEEDS_PAYMENT"), reason
 
         with ThreadPoolExecutor(6) as pool:
             list(pool.map(attempt, range(6)))
@@ -1747,3 +1758,203 @@ def test_grpcurl_record_payment(service, programs):
     assert response["points_transactions"][1]["origin"]["kind"] == "KIND_PAYMENT"
     assert response["account"]["balance"] == "24"
     assert response["account"]["customer"] == customer
+
+
+def test_the_readme_walkthrough_with_grpcurl(service):
+    """The README's grpcurl commands for a program with rules, a payment and a refund, run
+    as written (with ids of their own), give the figures the README states."""
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(
+        r"grpcurl -plaintext -d '(.*?)' \\\n\s+localhost:50051 (\S+)", readme, re.S
+    )
+    wanted = ["LoyaltyPrograms/CreateProgram", "LoyaltyPrograms/UpdateProgram"]
+    wanted += ["PointsLedger/RecordPayment", "PointsLedger/RecordRefund"]
+    steps = [(body, method) for body, method in commands if method.split(".")[-1] in wanted]
+    assert [method.split(".")[-1] for _, method in steps] == wanted
+    names = {
+        "prog_coffee": unique("prog_coffee"),
+        "create-prog_coffee": unique("create"),
+        "rules-1": unique("rules"),
+        "pay_9001": unique("pay"),
+        "cust_new": unique(),
+        "ref_1": unique("ref"),
+    }
+    responses = []
+    for body, method in steps:
+        for name, fresh in names.items():
+            body = body.replace(f'"{name}"', f'"{fresh}"')
+        responses.append(json.loads(grpcurl(service.address, "-d", body, method)))
+    _, updated, paid, refunded = responses
+    assert updated["auto_enroll"] is True and len(updated["earning_rules"]) == 2
+    assert (paid["payment"]["outcome"], paid["payment"]["enrolled"]) == ("OUTCOME_EARNED", True)
+    assert [t["amount"] for t in paid["points_transactions"]] == ["100", "42"]
+    assert paid["account"]["balance"] == "142"
+    assert [t["amount"] for t in refunded["points_transactions"]] == ["21"]
+    assert refunded["account"]["balance"] == "121"
+
+
+# -- merges, races with programs and merges, limits ----------------------------------------
+
+
+def test_a_merged_customer_earns_on_the_survivor_and_is_not_welcomed_again(
+    accounts, points, programs, assert_invariants
+):
+    program = new_program(programs, welcome(50), per_unit("1"), auto_enroll=True)
+    first, second = unique(), unique()
+    duplicate = pay(points, program, first, 1000).account  # enrolled: 50 + 10
+    survivor = pay(points, program, second, 2000).account  # enrolled: 50 + 20
+    accounts.MergeAccounts(
+        accounts_pb2.MergeAccountsRequest(source=duplicate.id, target=survivor.id)
+    )
+
+    again = pay(points, program, first, 500)
+    assert (again.payment.outcome, again.payment.enrolled) == (EARNED, False)
+    assert (again.payment.account, again.account.id) == (survivor.id, survivor.id)
+    assert [t.amount for t in again.points_transactions] == [5]
+    assert again.account.balance == 60 + 70 + 5
+    assert accounts_of(accounts, program.id, first) == [get(accounts, duplicate.id)]
+
+    # A survivor that is closed closes the door for both customers.
+    accounts.CloseAccount(accounts_pb2.CloseAccountRequest(id=survivor.id))
+    for customer in (first, second):
+        closed = pay(points, program, customer, 500)
+        assert (closed.payment.outcome, closed.HasField("account")) == (ACCOUNT_CLOSED, False)
+    assert get(accounts, survivor.id).balance == 135
+    assert_invariants()
+
+
+def test_refunds_racing_merges_land_on_the_survivor(accounts, points, programs, assert_invariants):
+    program = new_program(programs, per_unit("1"))
+    for _ in range(4):
+        source, target = enroll(accounts, program), enroll(accounts, program)
+        payments = [pay(points, program, source.customer, 1000) for _ in range(4)]
+
+        def act(i: int, source=source, target=target, payments=payments) -> object:
+            if i == 0:
+                return accounts.MergeAccounts(
+                    accounts_pb2.MergeAccountsRequest(source=source.id, target=target.id)
+                )
+            return refund(points, payments[i - 1].payment.id, 500)
+
+        with ThreadPoolExecutor(5) as pool:
+            results = list(pool.map(act, range(5)))
+        refunds = results[1:]
+        assert all(len(r.points_transactions) == 1 for r in refunds)
+        assert all(r.points_transactions[0].amount == 5 for r in refunds)
+        # Each reversal is on the account that held its earn when it ran.
+        assert {r.account.id for r in refunds} <= {source.id, target.id}
+        assert get(accounts, target.id).balance == 40 - 20
+        assert get(accounts, source.id).balance == 0
+    assert_invariants()
+
+
+def test_payments_racing_rule_and_program_changes_earn_by_a_live_version(
+    accounts, points, programs, assert_invariants
+):
+    program = new_program(programs, per_unit("1"), auto_enroll=True)
+    (rule,) = program.earning_rules
+    rates = {1: 1}
+
+    def change_rates() -> None:
+        for version in range(2, 8):
+            changed = RULE()
+            changed.CopyFrom(rule)
+            changed.points_per_unit = str(version)
+            updated = set_rules(programs, program.id, changed)
+            assert updated.earning_rules[0].version == version
+            rates[version] = version
+
+    def pay_many(worker: int) -> list[points_pb2.RecordPaymentResponse]:
+        return [pay(points, program, f"{program.id}-{worker}-{n % 3}", 1000) for n in range(15)]
+
+    with ThreadPoolExecutor(5) as pool:
+        changer = pool.submit(change_rates)
+        paid = [r for batch in pool.map(pay_many, range(4)) for r in batch]
+        changer.result()
+
+    for response in paid:
+        (earn,) = response.points_transactions[-1:]
+        assert earn.rule == rule.id
+        assert earn.amount == 10 * rates[earn.rule_version], (earn.amount, earn.rule_version)
+    balances = {a.customer: a.balance for a in accounts_of(accounts, program.id)}
+    assert len(balances) == 12
+    assert sum(balances.values()) == sum(r.points_transactions[-1].amount for r in paid)
+    assert_invariants()
+
+
+def test_an_enrolling_payment_crossing_two_tiers(channel, accounts, points, programs):
+    program = new_program(
+        programs,
+        welcome(100),
+        per_unit("1"),
+        auto_enroll=True,
+        tiers=(("Silver", 100), ("Gold", 150)),
+    )
+    response = pay(points, program, unique(), 6000)
+    account = response.account
+    assert (account.tier, account.balance, account.version) == ("Gold", 160, 3)
+    bonus, earn = response.points_transactions
+    listed = events_of(channel, account.id)
+    assert [e.type for e in listed] == [
+        ACCOUNT_CREATED,
+        TX_CREATED,
+        TIER_CHANGED,
+        TX_CREATED,
+        TIER_CHANGED,
+    ]
+    assert [(e.snapshot.tier, e.snapshot.version) for e in (listed[0], listed[2], listed[4])] == [
+        ("", 1),
+        ("Silver", 2),
+        ("Gold", 3),
+    ]
+    assert [listed[1].snapshot, listed[3].snapshot] == [bonus, earn]
+
+
+def test_a_balance_limit_records_nothing(accounts, points, programs, database_url):
+    program = new_program(programs, per_unit("1"))
+    member = enroll(accounts, program)
+    # Only a direct write reaches the limit in a test's time: 10^18 points.
+    with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
+        conn.execute("UPDATE accounts SET balance = %s WHERE id = %s", [10**18 - 5, member.id])
+    request = payment(program, member.customer, 1000)
+    found = fails(points.RecordPayment, request, FAILED_PRECONDITION, "BALANCE_LIMIT_EXCEEDED")
+    assert found.metadata["balance"] == str(10**18 - 5)
+    fails(
+        points.RecordRefund, refund_request(request.payment_id, 1), NOT_FOUND, "PAYMENT_NOT_FOUND"
+    )
+    with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
+        conn.execute("UPDATE accounts SET balance = 0 WHERE id = %s", [member.id])
+    assert points.RecordPayment(request).account.balance == 10
+
+
+def test_a_closed_account_without_auto_enroll(accounts, points, programs):
+    program = new_program(programs, per_unit("1"))
+    member = enroll(accounts, program)
+    accounts.CloseAccount(accounts_pb2.CloseAccountRequest(id=member.id))
+    response = pay(points, program, member.customer, 1000)
+    assert (response.payment.outcome, response.HasField("account")) == (ACCOUNT_CLOSED, False)
+
+
+def test_a_reused_refund_id_is_named_as_such(accounts, points, programs):
+    program = new_program(programs, per_unit("1"))
+    member = enroll(accounts, program)
+    paid = pay(points, program, member.customer, 1000)
+    first = refund(points, paid.payment.id, 100)
+    for request in (
+        refund_request(paid.payment.id, 200, first.refund.id),
+        refund_request(unique("pay"), 100, first.refund.id),  # a payment never recorded
+    ):
+        found = fails(points.RecordRefund, request, INVALID, "REFUND_ID_REUSED")
+        assert found.metadata == {"refund": first.refund.id}
+
+
+def test_an_unchanged_rule_keeps_its_spelling(programs):
+    program = new_program(programs, per_unit("1.5"))
+    (rule,) = program.earning_rules
+    respelled = RULE()
+    respelled.CopyFrom(rule)
+    respelled.points_per_unit = "1.5000"
+    (kept,) = set_rules(programs, program.id, respelled).earning_rules
+    assert kept == rule
+    read = programs.GetEarningRule(programs_pb2.GetEarningRuleRequest(id=rule.id))
+    assert read == rule
