@@ -86,8 +86,8 @@ def pgbench_script(
     expressions for its parameters.
 
     A customer's first payment runs 11 statements and the COMMIT in 6 round trips (the
-    program, the payment id, the account, no CLOSED one, the new account, then the welcome
-    bonus, the earn, the payment's outcome and the events with the COMMIT); a later one 7
+    program, the payment id, the account, no CLOSED or merged one, the new account, then the
+    welcome bonus, the earn, the payment's outcome and the events with the COMMIT); a later one 7
     statements in 4 round trips.
 
     What the service works out in Python from the program and the locked account (the
@@ -250,7 +250,7 @@ def pgbench_script(
         statement(store._CLAIM_PAYMENT, claim) + ";",
         lock_account,
         "\\if :acct_version = 0",
-        statement(store._HAS_CLOSED_ACCOUNT, owner) + ";",
+        statement(store._FORMER_ACCOUNT, owner) + ";",
         statement(insert_account, new_account) + " \\aset acct_",
         "\\if :acct_version = 0",
         lock_account,  # lost the race to enroll: see the docstring
