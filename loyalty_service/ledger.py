@@ -519,7 +519,6 @@ class Ledger:
         the customer's account (FOR UPDATE, or the unique index on a new one), the event
         log's head (last, in append_events)."""
         fingerprint = _fingerprint(new)
-
         reused = PaymentIdReused(f"payment {new.id} was recorded with other fields", payment=new.id)
 
         async def work(conn: Conn) -> PaymentResult:
@@ -543,6 +542,7 @@ class Ledger:
             await store.append_events(conn, new_events)
             return result
 
+        # No request id: the payment id is the idempotency key (claim_payment).
         return await self._run("RecordPayment", "", None, PaymentResult, work)
 
     async def record_refund(self, new: domain.NewRefund) -> RefundResult:
@@ -550,7 +550,6 @@ class Ledger:
         id. Locks, in order: the payment (FOR UPDATE: its refunds one at a time), the refund
         id, the account holding the earns, the earns (in id order), the event log's head."""
         fingerprint = _fingerprint(new)
-
         reused = RefundIdReused(f"refund {new.id} was recorded with other fields", refund=new.id)
 
         async def work(conn: Conn) -> RefundResult:
@@ -626,7 +625,8 @@ class Ledger:
         appends the change's events as its last step (store.append_events), so a replay
         writes none.
         """
-        key, fingerprint = _request_key(method, request_id, params)
+        # Without a request id there is nothing to remember (nor to fingerprint).
+        key, fingerprint = _request_key(method, request_id, params) if request_id else ("", "")
         for _ in range(3):
             try:
                 # Pipeline mode sends statements whose results are not needed yet together
@@ -836,8 +836,13 @@ async def _reverse_for_refund(
 
 
 def _fingerprint(request: object) -> str:
-    """The digest of what a request asked for: a replay must ask for the same."""
-    body = json.dumps(store.to_json(request), sort_keys=True, default=str).encode()
+    """The digest of what a request (a domain object) asked for: a replay must ask for the
+    same."""
+    return _digest(store.to_json(request))
+
+
+def _digest(params: object) -> str:
+    body = json.dumps(params, sort_keys=True, default=str).encode()
     return hashlib.sha256(body).hexdigest()
 
 
@@ -850,7 +855,7 @@ def _posting_keys(posting: store.NewPosting) -> tuple[object, ...]:
 
 def _request_key(method: str, request_id: str, params: object) -> tuple[str, str]:
     """The stored key of a request id, and the fingerprint of what it asked for."""
-    return f"{method}:{request_id}", _fingerprint(params)
+    return f"{method}:{request_id}", _digest(params)  # params are JSON-ready: no to_json
 
 
 def _request_id_reused(request_id: str) -> RequestIdReused:

@@ -354,13 +354,13 @@ _INSERT_ACCOUNT = _sql(
     )
     .returning(accounts.c.id)
 )
-_FIND_ACTIVE_ACCOUNT = _sql(
-    sa.select(accounts.c.id).where(
-        accounts.c.program_id == _bind(accounts.c.program_id),
-        accounts.c.customer == _bind(accounts.c.customer),
-        accounts.c.status == _const("ACTIVE"),
-    )
+# The customer's ACTIVE account in a program (at most one: uq_accounts_active_customer).
+_ACTIVE_OF_CUSTOMER = (
+    accounts.c.program_id == _bind(accounts.c.program_id),
+    accounts.c.customer == _bind(accounts.c.customer),
+    accounts.c.status == _const("ACTIVE"),
 )
+_FIND_ACTIVE_ACCOUNT = _sql(sa.select(accounts.c.id).where(*_ACTIVE_OF_CUSTOMER))
 _GET_ACCOUNT = _sql(sa.select(*_ACCOUNT_COLUMNS).where(accounts.c.id == _ACCOUNT_ID))
 _LOCK_ACCOUNT = _sql(
     sa.select(*_ACCOUNT_COLUMNS).where(accounts.c.id == _ACCOUNT_ID).with_for_update()
@@ -385,13 +385,7 @@ _SAVE_ACCOUNT = _sql(
 
 
 _LOCK_ACTIVE_ACCOUNT = _sql(
-    sa.select(*_ACCOUNT_COLUMNS)
-    .where(
-        accounts.c.program_id == _bind(accounts.c.program_id),
-        accounts.c.customer == _bind(accounts.c.customer),
-        accounts.c.status == _const("ACTIVE"),
-    )
-    .with_for_update()
+    sa.select(*_ACCOUNT_COLUMNS).where(*_ACTIVE_OF_CUSTOMER).with_for_update()
 )
 # Where a customer's accounts that are not ACTIVE lead: a CLOSED one is itself; a MERGED one
 # leads along merged_into to its survivor (merges can chain: A into B, later B into C). An
@@ -1277,9 +1271,14 @@ async def _claim(
     """Inserts the row that claims an id (`params["id"]`), or returns what is stored for it."""
     if await _one(conn, claim_sql, params) is not None:
         return None
-    row = await _one(conn, stored_sql, {"id": params["id"]})
-    assert row is not None, "a conflicting claim is committed before the conflict shows"
-    return StoredResponse(row.fingerprint, row.response)
+    stored = await _stored(conn, stored_sql, params["id"])
+    assert stored is not None, "a conflicting claim is committed before the conflict shows"
+    return stored
+
+
+async def _stored(conn: Conn, stored_sql: str, claimed_id: object) -> StoredResponse | None:
+    row = await _one(conn, stored_sql, {"id": claimed_id})
+    return StoredResponse(row.fingerprint, row.response) if row else None
 
 
 async def claim_payment(
@@ -1302,13 +1301,11 @@ async def claim_payment(
 
 
 async def stored_payment(conn: Conn, payment_id: str) -> StoredResponse | None:
-    row = await _one(conn, _STORED_PAYMENT, {"id": payment_id})
-    return StoredResponse(row.fingerprint, row.response) if row else None
+    return await _stored(conn, _STORED_PAYMENT, payment_id)
 
 
 async def stored_refund(conn: Conn, refund_id: str) -> StoredResponse | None:
-    row = await _one(conn, _STORED_REFUND, {"id": refund_id})
-    return StoredResponse(row.fingerprint, row.response) if row else None
+    return await _stored(conn, _STORED_REFUND, refund_id)
 
 
 async def save_payment(
