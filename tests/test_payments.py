@@ -1823,7 +1823,9 @@ def test_a_merged_customer_earns_on_the_survivor_and_is_not_welcomed_again(
     assert_invariants()
 
 
-def test_refunds_racing_merges_land_on_the_survivor(accounts, points, programs, assert_invariants):
+def test_refunds_racing_a_merge_all_land_with_exact_balances(
+    accounts, points, programs, assert_invariants
+):
     program = new_program(programs, per_unit("1"))
     for _ in range(4):
         source, target = enroll(accounts, program), enroll(accounts, program)
