@@ -117,16 +117,12 @@ class LoyaltyAccounts(accounts_pb2_grpc.LoyaltyAccountsServicer):
     ) -> accounts_pb2.Account:
         v = Violations()
         account_id = v.id("account.id", request.account.id, domain.ACCOUNT_ID)
-        paths = set(request.update_mask.paths)
+        paths = convert.update_paths(v, request.update_mask.paths, convert.ACCOUNT_PATHS)
         if not paths:
             # AIP-134: without a mask, update the fields that are set.
             paths = {"customer"} if request.account.customer else set()
             if request.account.metadata:
                 paths.add("metadata")
-        if "*" in paths:
-            paths = (paths - {"*"}) | {"customer", "metadata"}
-        for unknown in sorted(paths - {"customer", "metadata"}):
-            v.add("update_mask", f"cannot update {unknown!r}; updatable: customer, metadata")
         customer = convert.customer(v, "account.customer", request.account.customer)
         metadata = v.metadata("account.metadata", request.account.metadata)
         v.request_id(request.request_id)

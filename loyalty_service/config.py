@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 
@@ -16,10 +17,32 @@ class Settings:
     pool_size: int = 10
     # Seconds a statement (including its wait for a row lock) may take before it is cancelled.
     statement_timeout: float = 10.0
-    # Seconds in-flight calls get to finish after SIGTERM.
+    # Seconds a call may wait for a pooled connection (also in a group-commit queue); a
+    # call's own deadline, if sooner, wins.
+    pool_timeout: float = 5.0
+    # SIGTERM: health goes NOT_SERVING, the server keeps serving for `shutdown_drain` seconds
+    # (so that load balancers and meshes stop routing to it), then refuses new calls and gives
+    # in-flight calls `shutdown_grace` seconds to finish.
+    shutdown_drain: float = 2.0
     shutdown_grace: float = 10.0
-    # Seconds between database probes that drive the health status.
-    health_interval: float = 2.0
+    # Seconds between database probes that drive the health status, and how long one may
+    # take: the database unreachable is NOT_SERVING within about their sum.
+    health_interval: float = 0.25
+    health_timeout: float = 0.75
+    # Connections (gRPC channel arguments). Clients may ping this often, also with no call in
+    # flight (more often is "too many pings": GOAWAY).
+    keepalive_min_ping_interval: float = 10.0
+    # The server pings a connection idle this long, and closes it if no answer comes within
+    # keepalive_timeout: dead peers (a vanished pod, a dropped NAT entry) are let go.
+    keepalive_time: float = 60.0
+    keepalive_timeout: float = 20.0
+    # A connection is asked to go away (GOAWAY) after this many seconds, so that long-lived
+    # clients spread over new replicas; in-flight calls get the grace to finish, and event
+    # streams still open then end with UNAVAILABLE (their clients resume).
+    max_connection_age: float = 300.0
+    max_connection_age_grace: float = 30.0
+    # Seconds a new connection has to complete its handshake.
+    handshake_timeout: float = 10.0
     # Hours a request_id is remembered (AIP-155 asks for at least 24).
     request_id_retention_hours: float = 48.0
     # Days events are kept in the event log (a resume from an older position is OUT_OF_RANGE).
@@ -49,8 +72,23 @@ class Settings:
         if not 1 <= self.events_page_size <= self.events_buffer:
             # A subscriber just done with a full catch-up page must have room for more.
             raise ValueError("need 1 <= LOYALTY_EVENTS_PAGE_SIZE <= LOYALTY_EVENTS_BUFFER")
-        if min(self.events_heartbeat, self.events_poll_interval, self.prune_interval) <= 0:
-            raise ValueError("intervals must be positive")
+        intervals = (
+            self.events_heartbeat,
+            self.events_poll_interval,
+            self.prune_interval,
+            self.pool_timeout,
+            self.health_interval,
+            self.health_timeout,
+            self.keepalive_min_ping_interval,
+            self.keepalive_time,
+            self.keepalive_timeout,
+            self.max_connection_age,
+            self.handshake_timeout,
+        )
+        if min(intervals) <= 0:
+            raise ValueError("intervals and time-outs must be positive")
+        if min(self.shutdown_drain, self.shutdown_grace, self.max_connection_age_grace) < 0:
+            raise ValueError("shutdown and connection-age grace periods must not be negative")
         if self.event_retention_days <= 0 or self.events_read_interval < 0:
             raise ValueError(
                 "LOYALTY_EVENT_RETENTION_DAYS must be positive and"
@@ -58,35 +96,21 @@ class Settings:
             )
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Each setting from LOYALTY_<NAME> (e.g. pool_size from LOYALTY_POOL_SIZE), else its
+        default."""
         env = os.environ if environ is None else environ
         defaults = cls()
-        return cls(
-            database_url=env.get("LOYALTY_DATABASE_URL") or None,
-            data_dir=Path(env.get("LOYALTY_DATA_DIR", str(defaults.data_dir))),
-            listen_address=env.get("LOYALTY_LISTEN_ADDRESS", defaults.listen_address),
-            pool_size=int(env.get("LOYALTY_POOL_SIZE", defaults.pool_size)),
-            statement_timeout=float(
-                env.get("LOYALTY_STATEMENT_TIMEOUT", defaults.statement_timeout)
-            ),
-            shutdown_grace=float(env.get("LOYALTY_SHUTDOWN_GRACE", defaults.shutdown_grace)),
-            health_interval=float(env.get("LOYALTY_HEALTH_INTERVAL", defaults.health_interval)),
-            request_id_retention_hours=float(
-                env.get("LOYALTY_REQUEST_ID_RETENTION_HOURS", defaults.request_id_retention_hours)
-            ),
-            event_retention_days=float(
-                env.get("LOYALTY_EVENT_RETENTION_DAYS", defaults.event_retention_days)
-            ),
-            prune_interval=float(env.get("LOYALTY_PRUNE_INTERVAL", defaults.prune_interval)),
-            events_heartbeat=float(env.get("LOYALTY_EVENTS_HEARTBEAT", defaults.events_heartbeat)),
-            events_buffer=int(env.get("LOYALTY_EVENTS_BUFFER", defaults.events_buffer)),
-            events_poll_interval=float(
-                env.get("LOYALTY_EVENTS_POLL_INTERVAL", defaults.events_poll_interval)
-            ),
-            events_read_interval=float(
-                env.get("LOYALTY_EVENTS_READ_INTERVAL", defaults.events_read_interval)
-            ),
-            events_page_size=int(env.get("LOYALTY_EVENTS_PAGE_SIZE", defaults.events_page_size)),
-            log_level=env.get("LOYALTY_LOG_LEVEL", defaults.log_level),
-            trace_console=env.get("LOYALTY_TRACE_CONSOLE", "") in ("1", "true", "yes"),
-        )
+        values: dict[str, object] = {}
+        for setting in fields(cls):
+            text = env.get(f"LOYALTY_{setting.name.upper()}")
+            if text is None:
+                continue
+            kind = type(getattr(defaults, setting.name))
+            if setting.name == "database_url":
+                values[setting.name] = text or None
+            elif kind is bool:
+                values[setting.name] = text.lower() in ("1", "true", "yes")
+            else:
+                values[setting.name] = kind(text)
+        return cls(**values)

@@ -9,7 +9,7 @@ import hmac
 import json
 import re
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Sized
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TypeVar
@@ -85,16 +85,31 @@ _NUL_MESSAGE = "must not contain the character U+0000"
 
 @dataclass
 class Violations:
-    """Collects every problem with a request, so one error names them all."""
+    """Collects the problems with a request, so one error names them: the first
+    domain.MAX_VIOLATIONS of them, and how many more there were."""
 
     found: list[FieldViolation] = field(default_factory=list)
+    omitted: int = 0
 
     def add(self, field_path: str, description: str) -> None:
-        self.found.append(FieldViolation(field_path, description))
+        self.extend([FieldViolation(field_path, description)])
+
+    def extend(self, violations: Sequence[FieldViolation]) -> None:
+        room = max(0, domain.MAX_VIOLATIONS - len(self.found))
+        self.found.extend(violations[:room])
+        self.omitted += max(0, len(violations) - room)
 
     def raise_if_any(self) -> None:
         if self.found:
-            raise InvalidArgument(self.found)
+            raise InvalidArgument(self.found, self.omitted)
+
+    def at_most(self, field_path: str, values: Sized, maximum: int, what: str) -> None:
+        """Refuses the request at once if a repeated field or map has more than `maximum`
+        entries: checked before any work per entry, so a huge request costs no more than a
+        small one."""
+        if len(values) > maximum:
+            self.add(field_path, f"has more than {maximum} {what}")
+            self.raise_if_any()
 
     # -- field checks; each returns the cleaned value ---------------------------------------
 
@@ -116,8 +131,7 @@ class Violations:
         return value
 
     def metadata(self, field_path: str, value: Mapping[str, str]) -> dict[str, str]:
-        if len(value) > domain.MAX_METADATA_KEYS:
-            self.add(field_path, f"has more than {domain.MAX_METADATA_KEYS} keys")
+        self.at_most(field_path, value, domain.MAX_METADATA_KEYS, "keys")
         for key, item in value.items():
             if not key or len(key) > domain.MAX_METADATA_KEY_LENGTH:
                 self.add(
@@ -205,8 +219,22 @@ def new_transaction(request: points_pb2.CreatePointsTransactionRequest) -> domai
     )
 
 
-# The fields UpdateProgram may change (AIP-134 paths).
+# The fields UpdateProgram and UpdateAccount may change (AIP-134 paths).
 PROGRAM_PATHS = ("name", "currency", "auto_enroll", "tiers", "earning_rules", "status")
+ACCOUNT_PATHS = ("customer", "metadata")
+MAX_MASK_PATHS = 20
+
+
+def update_paths(v: Violations, paths: Sequence[str], updatable: Sequence[str]) -> set[str]:
+    """The fields an update_mask names, `*` standing for all of `updatable`; each unknown
+    path is a violation. Empty when the mask is: the caller then takes the fields set."""
+    v.at_most("update_mask", paths, MAX_MASK_PATHS, "paths")
+    named = set(paths)
+    if "*" in named:
+        named = (named - {"*"}) | set(updatable)
+    for unknown in sorted(named - set(updatable)):
+        v.add("update_mask", f"cannot update {unknown[:100]!r}; updatable: {', '.join(updatable)}")
+    return named
 
 
 def _program_name(v: Violations, field_path: str, value: str) -> str:
@@ -224,8 +252,9 @@ def _currency(v: Violations, field_path: str, value: str) -> str:
 
 
 def _tiers(v: Violations, field_path: str, values: Sequence[programs_pb2.Tier]) -> list[Tier]:
+    v.at_most(field_path, values, domain.MAX_TIERS, "tiers")
     tiers = [Tier(t.name, t.lifetime_points) for t in values]
-    v.found.extend(domain.tier_violations(field_path, tiers))
+    v.extend(domain.tier_violations(field_path, tiers))
     return tiers
 
 
@@ -234,10 +263,13 @@ def _rules(
 ) -> list[EarningRule]:
     """The rules as asked for; what they say is checked by domain.rule_violations, against
     the tiers the program will have."""
+    v.at_most(field_path, values, domain.MAX_RULES, "rules")
     rules = []
     for index, rule in enumerate(values):
         path = f"{field_path}[{index}]"
         trigger = v.enum(f"{path}.trigger", rule.trigger, _TRIGGER_FROM_PB, required=True)
+        multipliers = rule.tier_multipliers
+        v.at_most(f"{path}.tier_multipliers", multipliers, domain.MAX_TIERS, "entries")
         rules.append(
             EarningRule(
                 trigger=trigger or RuleTrigger.PAYMENT_COMPLETED,
@@ -245,9 +277,7 @@ def _rules(
                 points_per_unit=rule.points_per_unit,
                 min_amount=rule.min_amount,
                 max_points=rule.max_points,
-                tier_multipliers=[
-                    TierMultiplier(m.tier, m.multiplier) for m in rule.tier_multipliers
-                ],
+                tier_multipliers=[TierMultiplier(m.tier, m.multiplier) for m in multipliers],
                 start_time=v.timestamp(f"{path}.start_time", rule.start_time)
                 if rule.HasField("start_time")
                 else None,
@@ -262,7 +292,7 @@ def _rules(
 
 
 def _rule_changes(v: Violations, values: Sequence[programs_pb2.EarningRule]) -> list[EarningRule]:
-    for index, rule in enumerate(values):
+    for index, rule in enumerate(values[: domain.MAX_RULES]):
         v.id(f"program.earning_rules[{index}].id", rule.id, domain.RULE_ID, required=False)
     return _rules(v, "program.earning_rules", values)
 
@@ -278,7 +308,7 @@ def new_program(request: programs_pb2.CreateProgramRequest) -> tuple[str | None,
     status = v.enum("program.status", program.status, _PROGRAM_STATUS_FROM_PB, required=False)
     # Rule ids are output only here: the program's rules are all new.
     rules = [replace(r, id="") for r in _rules(v, "program.earning_rules", program.earning_rules)]
-    v.found.extend(domain.rule_violations("program.earning_rules", rules, tiers))
+    v.extend(domain.rule_violations("program.earning_rules", rules, tiers))
     v.request_id(request.request_id)
     v.raise_if_any()
     new = NewProgram(
@@ -298,7 +328,7 @@ def program_changes(request: programs_pb2.UpdateProgramRequest) -> tuple[str, Pr
     v = Violations()
     program = request.program
     program_id = v.id("program.id", program.id, domain.PROGRAM_ID)
-    paths = set(request.update_mask.paths)
+    paths = update_paths(v, request.update_mask.paths, PROGRAM_PATHS)
     if not paths:
         # A proto3 scalar at its default is not "set": false and [] need the mask.
         set_fields = {
@@ -310,10 +340,6 @@ def program_changes(request: programs_pb2.UpdateProgramRequest) -> tuple[str, Pr
             "status": program.status != 0,
         }
         paths = {path for path, is_set in set_fields.items() if is_set}
-    if "*" in paths:
-        paths = (paths - {"*"}) | set(PROGRAM_PATHS)
-    for unknown in sorted(paths - set(PROGRAM_PATHS)):
-        v.add("update_mask", f"cannot update {unknown!r}; updatable: {', '.join(PROGRAM_PATHS)}")
     changes = ProgramChanges(
         name=_program_name(v, "program.name", program.name) if "name" in paths else None,
         currency=_currency(v, "program.currency", program.currency)
@@ -420,6 +446,7 @@ def event_filter(
     program = v.id("program", program, domain.PROGRAM_ID, required=False)
     account = v.id("account", account, domain.ACCOUNT_ID, required=False)
     chosen = set()
+    v.at_most("types", types, MAX_TYPE_FILTERS, "entries")
     for index, name in enumerate(types):
         if name in allowed:
             chosen.add(EventType(name))
@@ -429,6 +456,10 @@ def event_filter(
     return EventFilter(
         types=frozenset(chosen) or allowed, program=program or None, account=account or None
     )
+
+
+# Entries of an event filter's `types` (there are fewer event types: a longer list repeats).
+MAX_TYPE_FILTERS = 20
 
 
 def single_id(field_path: str, value: str, pattern: re.Pattern[str]) -> str:
@@ -659,7 +690,8 @@ class PageTokens:
         if not token:
             return None
         body, _, signature = token.partition(".")
-        if not hmac.compare_digest(signature, self._sign(body)):
+        # Bytes, not str: compare_digest refuses a str that is not ASCII.
+        if not hmac.compare_digest(signature.encode(), self._sign(body).encode()):
             raise _bad_token("is not a page token issued by this service")
         try:
             payload = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))

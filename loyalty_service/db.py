@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 import sqlalchemy as sa
 from psycopg import AsyncConnection, IsolationLevel
 from psycopg.rows import namedtuple_row
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.engine import make_url
 
@@ -238,9 +240,36 @@ def libpq_url(url: str) -> str:
     return parsed.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-def create_pool(
-    url: str, size: int, timeout: float = 5.0, statement_timeout: float = 10.0
-) -> AsyncConnectionPool:
+# The event-loop time by which the current call must have a connection: its gRPC deadline
+# (set by the api layer for each call); None when it has none.
+call_deadline: ContextVar[float | None] = ContextVar("call_deadline", default=None)
+
+
+class DatabaseUnreachable(PoolTimeout):
+    """The health probe found the database unreachable: calls fail at once rather than each
+    waiting out the pool's timeout."""
+
+
+class Pool(AsyncConnectionPool):
+    """The pool, with two limits on the wait for a connection: none while the database is
+    known to be unreachable (`reachable`, kept by the server's health probe), and never past
+    the call's deadline (`call_deadline`) or the pool's timeout, whichever comes first."""
+
+    reachable = True
+
+    async def getconn(self, timeout: float | None = None) -> AsyncConnection:  # noqa: ASYNC109 (the base class's signature)
+        if not self.reachable:
+            raise DatabaseUnreachable("the database is unreachable")
+        wait = self.timeout if timeout is None else timeout
+        deadline = call_deadline.get()
+        if deadline is not None:
+            wait = min(wait, deadline - asyncio.get_running_loop().time())
+            if wait <= 0:
+                raise PoolTimeout("the call's deadline passed before a connection was free")
+        return await super().getconn(timeout=wait)
+
+
+def create_pool(url: str, size: int, timeout: float = 5.0, statement_timeout: float = 10.0) -> Pool:
     """A fixed-size pool of autocommit connections; the caller opens it.
 
     Autocommit, so a read is one round trip; writes open an explicit transaction. Their
@@ -257,7 +286,7 @@ def create_pool(
         milliseconds = int(statement_timeout * 1000)
         await conn.execute(f"SET statement_timeout = {milliseconds}")
 
-    return AsyncConnectionPool(
+    return Pool(
         libpq_url(url),
         min_size=size,
         max_size=size,

@@ -225,15 +225,24 @@ class FieldViolation:
     description: str
 
 
+# Field violations one error reports: the first ones, and a count of the rest. A request
+# with a million bad entries gets an error of the same size as one with ten.
+MAX_VIOLATIONS = 8
+
+
 class InvalidArgument(LedgerError):
     reason = "INVALID_ARGUMENT"
 
-    def __init__(self, violations: list[FieldViolation]) -> None:
-        super().__init__(
-            "; ".join(f"{v.field}: {v.description}" for v in violations),
-            fields=",".join(v.field for v in violations),
-        )
-        self.violations = violations
+    def __init__(self, violations: list[FieldViolation], omitted: int = 0) -> None:
+        shown = violations[:MAX_VIOLATIONS]
+        omitted += len(violations) - len(shown)
+        message = "; ".join(f"{v.field}: {v.description}" for v in shown)
+        extra = {"omittedViolations": omitted} if omitted else {}
+        if omitted:  # first: a long message is cut at its end
+            message = f"{len(shown) + omitted} problems, the first {len(shown)}: {message}"
+        super().__init__(message, fields=",".join(v.field for v in shown), **extra)
+        self.violations = shown
+        self.omitted = omitted
 
 
 class RequestIdReused(LedgerError):

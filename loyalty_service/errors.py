@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from psycopg import InterfaceError, OperationalError
 from psycopg.errors import QueryCanceled
 from psycopg_pool import PoolTimeout
 
+from . import db
 from .domain import (
     AccountAlreadyExists,
     CurrencyLocked,
@@ -56,15 +59,59 @@ def code_for(error: LedgerError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+# An error travels in the trailers, which clients refuse past 8 KiB (gRPC's default), and
+# then see RESOURCE_EXHAUSTED instead. The message goes twice (grpc-message, percent-encoded:
+# up to 3 bytes a byte; and in grpc-status-details-bin, base64: 4 bytes per 3), so with these
+# caps, in UTF-8 bytes, the worst error's trailers stay under 6 KiB:
+#   message 400 -> 1,200 + 533; ErrorInfo 8 x (32 + 160) metadata -> ~2,100;
+#   BadRequest domain.MAX_VIOLATIONS (8) x (80 + 160) -> ~2,600; RetryInfo a few bytes.
+MAX_MESSAGE_BYTES = 400
+MAX_METADATA_ENTRIES = 8
+MAX_METADATA_KEY_BYTES = 32
+MAX_METADATA_VALUE_BYTES = 160
+MAX_FIELD_BYTES = 80
+MAX_DESCRIPTION_BYTES = 160
+# How long a caller should wait before retrying while the database is unavailable.
+RETRY_DELAY_SECONDS = 1
+
+
+def clipped(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` bytes of UTF-8 (on a character boundary), marked with
+    an ellipsis where it was cut."""
+    encoded = text.encode()
+    if len(encoded) <= limit:
+        return text
+    return encoded[: limit - 3].decode(errors="ignore") + "…"
+
+
 def _status(
-    code: grpc.StatusCode, message: str, reason: str, metadata: dict[str, str], *extra: object
+    code: grpc.StatusCode,
+    message: str,
+    reason: str,
+    metadata: dict[str, str],
+    *extra: object,
+    retry: bool = False,
 ) -> grpc.Status:
-    info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata)
+    """The status an error becomes (AIP-193): one ErrorInfo, then `extra` details; every
+    text cut to its byte limit above."""
+    entries = list(metadata.items())[:MAX_METADATA_ENTRIES]
+    info = error_details_pb2.ErrorInfo(
+        reason=reason,
+        domain=DOMAIN,
+        metadata={
+            clipped(key, MAX_METADATA_KEY_BYTES): clipped(value, MAX_METADATA_VALUE_BYTES)
+            for key, value in entries
+        },
+    )
+    if retry:
+        delay = duration_pb2.Duration(seconds=RETRY_DELAY_SECONDS)
+        extra = (*extra, error_details_pb2.RetryInfo(retry_delay=delay))
     details = []
     for detail in (info, *extra):
         packed = any_pb2.Any()
         packed.Pack(detail)
         details.append(packed)
+    message = clipped(message, MAX_MESSAGE_BYTES)
     proto = status_pb2.Status(code=code.value[0], message=message, details=details)
     return rpc_status.to_status(proto)
 
@@ -76,13 +123,60 @@ def to_status(error: LedgerError) -> grpc.Status:
             error_details_pb2.BadRequest(
                 field_violations=[
                     error_details_pb2.BadRequest.FieldViolation(
-                        field=v.field, description=v.description
+                        field=clipped(v.field, MAX_FIELD_BYTES),
+                        description=clipped(v.description, MAX_DESCRIPTION_BYTES),
                     )
                     for v in error.violations
                 ]
             )
         )
     return _status(code_for(error), error.message, error.reason, error.metadata, *extra)
+
+
+class Undecodable:
+    """A request whose bytes are not its message (server._guarded parses requests into
+    this instead of failing the call with UNKNOWN)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+class UndecodableLog:
+    """Logs undecodable requests once per interval, with a count: a client sending garbage
+    must not flood the log with a line (or a traceback) per request."""
+
+    def __init__(self, interval: float = 60.0) -> None:
+        self.interval = interval
+        self._count = 0
+        self._logged_at = -interval
+
+    def record(self, method: str, error: Exception) -> None:
+        self._count += 1
+        now = time.monotonic()
+        if now - self._logged_at >= self.interval:
+            log.warning(
+                "%d undecodable request(s) since the last such line (one per %.0f s at most);"
+                " the latest, to %s: %s",
+                self._count,
+                self.interval,
+                method,
+                clipped(str(error), 200),
+            )
+            self._count = 0
+            self._logged_at = now
+
+
+UNDECODABLE_LOG = UndecodableLog()
+
+
+def malformed_request(method: str, request: Undecodable) -> grpc.Status:
+    UNDECODABLE_LOG.record(method, request.error)
+    return _status(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "the request could not be decoded as the method's message",
+        "MALFORMED_REQUEST",
+        {"method": method},
+    )
 
 
 Handler = TypeVar("Handler", bound=Callable[..., Awaitable[object]])
@@ -101,6 +195,7 @@ def status_of(error: Exception, method: str) -> grpc.Status:
             "the database did not answer in time; retry with the same request_id",
             "DATABASE_TIMEOUT",
             {},
+            retry=True,
         )
     if isinstance(error, PoolTimeout | OperationalError | InterfaceError):
         log.warning("database unavailable in %s: %s", method, error)
@@ -109,9 +204,21 @@ def status_of(error: Exception, method: str) -> grpc.Status:
             "the database is unavailable; retry later",
             "DATABASE_UNAVAILABLE",
             {},
+            retry=True,
         )
     log.error("unexpected error in %s", method, exc_info=error)
     return _status(grpc.StatusCode.INTERNAL, "internal error", "INTERNAL", {})
+
+
+def _bound_waits(context: grpc.aio.ServicerContext) -> None:
+    """The call waits for database connections no longer than its deadline (db.Pool)."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining < _NO_DEADLINE:
+        db.call_deadline.set(asyncio.get_running_loop().time() + remaining)
+
+
+# What time_remaining() says of a call without a deadline is a very large number.
+_NO_DEADLINE = 10**9
 
 
 def translated(method: Handler) -> Handler:
@@ -119,6 +226,7 @@ def translated(method: Handler) -> Handler:
 
     @functools.wraps(method)
     async def handler(self: object, request: object, context: grpc.aio.ServicerContext) -> object:
+        _bound_waits(context)
         try:
             return await method(self, request, context)
         except Exception as error:
@@ -136,6 +244,7 @@ def translated_stream(method: StreamHandler) -> StreamHandler:
     async def handler(
         self: object, request: object, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[object]:
+        _bound_waits(context)
         try:
             async for response in method(self, request, context):
                 yield response

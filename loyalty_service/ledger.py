@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Generic, TypeVar
 
 from psycopg import IsolationLevel
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from . import db, domain, store
 from .domain import (
@@ -83,6 +83,10 @@ class Batches(Generic[Item, Result]):
     the request key); a call whose keys are taken waits for a later batch. When
     `max_waiting` calls wait already, `submit` returns None and the caller goes alone, so
     the queue (and the work of forming a batch from it) stays bounded.
+
+    A call waits to be taken into a batch, and its batch waits for a connection, no longer
+    than the call's deadline (db.call_deadline) or `max_wait` seconds, whichever is sooner:
+    during an outage calls fail in time instead of queueing behind each other's waits.
     """
 
     def __init__(
@@ -91,12 +95,16 @@ class Batches(Generic[Item, Result]):
         keys: Callable[[Item], tuple[object, ...]],
         max_size: int = 100,
         max_waiting: int = 500,
+        max_wait: float = float("inf"),
     ) -> None:
         self._run = run
         self._keys = keys
         self._max_size = max_size
         self._max_waiting = max_waiting
-        self._waiting: list[tuple[Item, asyncio.Future[Result]]] = []
+        self._max_wait = max_wait
+        # (item, its future result, the loop time by which it must be in a batch)
+        self._waiting: list[tuple[Item, asyncio.Future[Result], float]] = []
+        self._running: set[asyncio.Future[Result]] = set()  # the batch being run
         self._runner: asyncio.Task[None] | None = None
 
     def submit(self, item: Item) -> asyncio.Future[Result] | None:
@@ -104,11 +112,33 @@ class Batches(Generic[Item, Result]):
         if len(self._waiting) >= self._max_waiting:
             return None
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        self._waiting.append((item, future))
+        self._waiting.append((item, future, self._expiry()))
         if self._runner is None or self._runner.done():
             self._runner = asyncio.create_task(self._run_batches())
             self._runner.add_done_callback(self._runner_done)
         return future
+
+    async def run(self, item: Item) -> Result | None:
+        """The result of `item`, run in a batch; None when too many calls wait already (the
+        caller then goes alone). PoolTimeout when no batch took it in time."""
+        future = self.submit(item)
+        if future is None:
+            return None
+        timeout = self._expiry() - asyncio.get_running_loop().time()
+        try:
+            await asyncio.wait({future}, timeout=None if timeout == float("inf") else timeout)
+        finally:
+            if not future.done() and future not in self._running:
+                future.cancel()  # a cancelled future is skipped by the runner
+        if future.cancelled():
+            raise PoolTimeout("no batch could take the posting before its deadline")
+        return future.result()
+
+    def _expiry(self) -> float:
+        """The loop time by which a call submitted now must be in a batch."""
+        deadline = db.call_deadline.get()
+        expires = asyncio.get_running_loop().time() + self._max_wait
+        return expires if deadline is None else min(expires, deadline)
 
     def _runner_done(self, runner: asyncio.Task[None]) -> None:
         """A runner ends when nothing waits, unless it was cancelled (the loop is closing) or
@@ -117,14 +147,14 @@ class Batches(Generic[Item, Result]):
         if error is not None:
             log.error("the batch runner failed", exc_info=error)
         if runner.cancelled() or error is not None:
-            for _, future in self._waiting:
+            for _, future, _ in self._waiting:
                 if error is None:
                     future.cancel()
                 elif not future.done():
                     future.set_exception(error)
             self._waiting = []
 
-    def _next_batch(self) -> list[tuple[Item, asyncio.Future[Result]]]:
+    def _next_batch(self) -> list[tuple[Item, asyncio.Future[Result], float]]:
         """The waiting calls with no key in common, oldest first; the rest wait on."""
         batch, later, taken = [], [], set()
         for entry in self._waiting:
@@ -141,21 +171,26 @@ class Batches(Generic[Item, Result]):
 
     async def _run_batches(self) -> None:
         while batch := self._next_batch():
+            self._running = {future for _, future, _ in batch}
+            expires = min(expires for _, _, expires in batch)
+            db.call_deadline.set(None if expires == float("inf") else expires)
             try:
-                results = await self._run([item for item, _ in batch])
+                results = await self._run([item for item, _, _ in batch])
             except Exception as error:
-                for _, future in batch:
+                for _, future, _ in batch:
                     if not future.done():
                         future.set_exception(error)
                 continue
             except BaseException:
-                for _, future in batch:  # cancelled; the waiting ones: see _runner_done
+                for _, future, _ in batch:  # cancelled; the waiting ones: see _runner_done
                     future.cancel()
                 raise
+            finally:
+                self._running = set()
             if len(results) != len(batch):  # a bug; fail the batch rather than strand one
                 error = RuntimeError(f"{len(results)} results for a batch of {len(batch)}")
                 results = [error] * len(batch)
-            for (_, future), result in zip(batch, results, strict=True):
+            for (_, future, _), result in zip(batch, results, strict=True):
                 if future.done():  # the call was cancelled meanwhile
                     continue
                 if isinstance(result, Exception):
@@ -177,7 +212,7 @@ class Ledger:
     def __init__(self, pool: AsyncConnectionPool, clock: Clock = system_clock) -> None:
         self.pool = pool
         self.clock = clock
-        self._postings = Batches(self._post_batch, keys=_posting_keys)
+        self._postings = Batches(self._post_batch, keys=_posting_keys, max_wait=pool.timeout)
 
     # -- programs ------------------------------------------------------------------------
 
@@ -426,8 +461,9 @@ class Ledger:
         ]  # fmt: skip
         key, fingerprint = _request_key("CreatePointsTransaction", request_id, asked)
         posting = store.NewPosting(ptx, change, (key, fingerprint) if request_id else None)
-        batched = self._postings.submit(posting)
-        posted = await batched if batched is not None else store.Posted(None)
+        posted = await self._postings.run(posting)
+        if posted is None:
+            posted = store.Posted(None)
         if posted.points_after is None and posted.prior is None:
             # The batch left it alone: on its own, the posting waits for the account's lock
             # and finds why it is refused, if it is.

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import logging
 import signal
 from collections.abc import Callable
@@ -10,10 +12,11 @@ from datetime import timedelta
 from typing import Any
 
 import grpc
+import psycopg
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from . import db, store, telemetry
+from . import db, errors, store, telemetry
 from .api import LoyaltyAccounts, LoyaltyEvents, LoyaltyPrograms, PointsLedger
 from .config import Settings
 from .convert import EventEncoder, PageTokens
@@ -47,8 +50,12 @@ class LoyaltyServer:
 
     def __init__(self, settings: Settings, database_url: str) -> None:
         self.settings = settings
+        self.database_url = database_url
         self.pool = db.create_pool(
-            database_url, settings.pool_size, statement_timeout=settings.statement_timeout
+            database_url,
+            settings.pool_size,
+            timeout=settings.pool_timeout,
+            statement_timeout=settings.statement_timeout,
         )
         self.ledger = Ledger(self.pool)
         self.feed = EventFeed(
@@ -64,7 +71,9 @@ class LoyaltyServer:
             EventEncoder().events_fields,
         )
         self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server(interceptors=telemetry.interceptors(settings))
+        self.server = grpc.aio.server(
+            interceptors=telemetry.interceptors(settings), options=channel_options(settings)
+        )
         self.port = 0
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -72,27 +81,39 @@ class LoyaltyServer:
         await self.pool.open(wait=True)
         async with self.pool.connection() as conn:
             tokens = PageTokens(await store.page_token_key(conn))
-        _add_servicer(
-            accounts_pb2_grpc.add_LoyaltyAccountsServicer_to_server,
-            LoyaltyAccounts(self.ledger, tokens, self.feed),
-            self.server,
-        )
-        _add_servicer(
-            points_pb2_grpc.add_PointsLedgerServicer_to_server,
-            PointsLedger(self.ledger, tokens, self.feed),
-            self.server,
-        )
-        events_pb2_grpc.add_LoyaltyEventsServicer_to_server(
-            LoyaltyEvents(self.ledger, tokens), self.server
-        )
-        programs_pb2_grpc.add_LoyaltyProgramsServicer_to_server(
-            LoyaltyPrograms(self.ledger, tokens), self.server
-        )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        servicers = [
+            (
+                accounts_pb2_grpc.add_LoyaltyAccountsServicer_to_server,
+                LoyaltyAccounts(self.ledger, tokens, self.feed),
+            ),
+            (
+                points_pb2_grpc.add_PointsLedgerServicer_to_server,
+                PointsLedger(self.ledger, tokens, self.feed),
+            ),
+            (
+                events_pb2_grpc.add_LoyaltyEventsServicer_to_server,
+                LoyaltyEvents(self.ledger, tokens),
+            ),
+            (
+                programs_pb2_grpc.add_LoyaltyProgramsServicer_to_server,
+                LoyaltyPrograms(self.ledger, tokens),
+            ),
+            (health_pb2_grpc.add_HealthServicer_to_server, self.health),
+        ]
+        for add_to_server, servicer in servicers:
+            _add_servicer(add_to_server, servicer, self.server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
-        self.port = self.server.add_insecure_port(self.settings.listen_address)
+        try:
+            self.port = self.server.add_insecure_port(self.settings.listen_address)
+        except RuntimeError as error:
+            # Port sharing is off (channel_options): a taken port is an error, not a second
+            # server silently splitting the traffic.
+            raise AddressInUse(
+                f"cannot listen on {self.settings.listen_address}: {error}"
+                " (is another server using the port?)"
+            ) from None
         await self.server.start()
         self.feed.start()
         await self._set_health(SERVING)
@@ -103,11 +124,14 @@ class LoyaltyServer:
         log.info("serving on %s (port %d)", self.settings.listen_address, self.port)
 
     async def stop(self) -> None:
-        """Stops taking calls, ends event streams with UNAVAILABLE (their clients resume on
-        another replica), lets in-flight calls finish within the grace period."""
+        """Health goes NOT_SERVING and calls are still served for the drain period, so that
+        load balancers route elsewhere first; then new calls are refused, event streams end
+        with UNAVAILABLE (their clients resume on another replica), and in-flight calls get
+        the grace period to finish."""
         await self.health.enter_graceful_shutdown()
         for task in self._tasks:
             task.cancel()
+        await asyncio.sleep(self.settings.shutdown_drain)
         await self.feed.close()
         await self.server.stop(self.settings.shutdown_grace)
         await self.pool.close()
@@ -118,23 +142,39 @@ class LoyaltyServer:
             await self.health.set(name, status)
 
     async def _watch_database(self) -> None:
-        """NOT_SERVING while the database does not answer, so the mesh routes elsewhere."""
-        serving = True
-        while True:
-            await asyncio.sleep(self.settings.health_interval)
-            try:
-                async with asyncio.timeout(self.settings.health_interval + 1):
-                    async with self.pool.connection() as conn:
-                        await conn.execute("SELECT 1")
-                healthy = True
-            except Exception as error:  # any failure to answer means not serving
-                healthy = False
-                if serving:
-                    log.warning("database unreachable: %s", error)
-            if healthy != serving:
-                serving = healthy
-                await self._set_health(SERVING if healthy else NOT_SERVING)
-                log.info("health: %s", "SERVING" if healthy else "NOT_SERVING")
+        """NOT_SERVING while the database does not answer, so the mesh routes elsewhere, and
+        meanwhile calls fail at once (db.Pool.reachable) instead of waiting for connections.
+
+        The probe has a connection of its own, so that a busy pool never looks like an
+        outage, and runs every health_interval.
+        """
+        settings = self.settings
+        probe: psycopg.AsyncConnection | None = None
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(settings.health_timeout):
+                        if probe is None:
+                            probe = await psycopg.AsyncConnection.connect(
+                                db.libpq_url(self.database_url), autocommit=True
+                            )
+                        await probe.execute("SELECT 1")
+                    reachable, problem = True, ""
+                except Exception as error:  # any failure to answer in time is an outage
+                    reachable, problem = False, str(error) or type(error).__name__
+                    probe = await _closed(probe)
+                if reachable != self.pool.reachable:
+                    self.pool.reachable = reachable
+                    if reachable:
+                        # Connections the outage broke are replaced before calls get them.
+                        await self.pool.check()
+                        log.warning("database reachable again: SERVING")
+                    else:
+                        log.warning("database unreachable (%s): NOT_SERVING", problem)
+                    await self._set_health(SERVING if reachable else NOT_SERVING)
+                await asyncio.sleep(settings.health_interval)
+        finally:
+            await _closed(probe)
 
     async def _prune(self) -> None:
         """Forgets old request ids and deletes old events. Every replica does it; a second
@@ -154,9 +194,44 @@ class LoyaltyServer:
             await asyncio.sleep(self.settings.prune_interval)
 
 
+async def _closed(conn: psycopg.AsyncConnection | None) -> None:
+    """Closes a connection that may be broken already; None, to forget it."""
+    if conn is not None:
+        with contextlib.suppress(Exception):
+            await conn.close()
+
+
+class AddressInUse(Exception):
+    """The listen address is taken."""
+
+
+def channel_options(settings: Settings) -> list[tuple[str, int]]:
+    """The server's channel arguments (gRPC core's names), from the settings."""
+
+    def ms(seconds: float) -> int:
+        return int(seconds * 1000)
+
+    return [
+        # A taken port fails add_insecure_port instead of being shared with the other server.
+        ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", ms(settings.keepalive_min_ping_interval)),
+        ("grpc.keepalive_time_ms", ms(settings.keepalive_time)),
+        ("grpc.keepalive_timeout_ms", ms(settings.keepalive_timeout)),
+        ("grpc.max_connection_age_ms", ms(settings.max_connection_age)),
+        ("grpc.max_connection_age_grace_ms", ms(settings.max_connection_age_grace)),
+        ("grpc.server_handshake_timeout_ms", ms(settings.handshake_timeout)),
+    ]
+
+
 async def serve(settings: Settings, database_url: str) -> None:
     server = LoyaltyServer(settings, database_url)
-    await server.start()
+    try:
+        await server.start()
+    except AddressInUse as error:
+        log.error("%s", error)
+        await server.pool.close()
+        raise SystemExit(2) from None
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -169,8 +244,9 @@ async def serve(settings: Settings, database_url: str) -> None:
 def _add_servicer(
     add_to_server: Callable[[Any, Any], None], servicer: object, server: grpc.aio.Server
 ) -> None:
-    """Registers a servicer as its generated add_*_to_server does, except that its streams
-    send the bytes their handlers yield as they are (see convert.EventEncoder)."""
+    """Registers a servicer as its generated add_*_to_server does, with its handlers guarded
+    (_guarded) and, for our own services, streams that send the bytes their handlers yield
+    as they are (see convert.EventEncoder)."""
     found: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
 
     class Capture:
@@ -184,11 +260,60 @@ def _add_servicer(
 
     add_to_server(servicer, Capture())
     ((service, handlers),) = found.items()
+    yields_bytes = service in SERVICE_NAMES
     handlers = {
-        name: handler._replace(response_serializer=None)  # type: ignore[attr-defined]
-        if handler.response_streaming
-        else handler
+        name: _guarded(f"/{service}/{name}", handler, yields_bytes)
         for name, handler in handlers.items()
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
     server.add_registered_method_handlers(service, handlers)
+
+
+def _guarded(
+    method: str, handler: grpc.RpcMethodHandler, yields_bytes: bool
+) -> grpc.RpcMethodHandler:
+    """The handler, with undecodable requests answered INVALID_ARGUMENT MALFORMED_REQUEST
+    (gRPC itself answers UNKNOWN and logs a traceback per request). Only unary requests are
+    guarded: no service here but reflection streams requests."""
+    if handler.request_streaming:
+        return handler
+    deserialize = handler.request_deserializer
+
+    def parse(data: bytes) -> object:
+        try:
+            return deserialize(data)
+        except Exception as error:  # protobuf's DecodeError, or invalid UTF-8 in a string
+            return errors.Undecodable(error)
+
+    async def refuse(request: object, context: grpc.aio.ServicerContext) -> None:
+        if isinstance(request, errors.Undecodable):
+            await context.abort_with_status(errors.malformed_request(method, request))
+
+    if not handler.response_streaming:
+        unary = handler.unary_unary
+
+        async def guarded_unary(request: object, context: grpc.aio.ServicerContext) -> object:
+            await refuse(request, context)
+            return await unary(request, context)
+
+        return handler._replace(request_deserializer=parse, unary_unary=guarded_unary)  # type: ignore[attr-defined]
+
+    stream = handler.unary_stream
+    if inspect.isasyncgenfunction(stream):
+
+        async def guarded_stream(request: object, context: grpc.aio.ServicerContext) -> Any:
+            await refuse(request, context)
+            async for response in stream(request, context):
+                yield response
+
+    else:  # a stream that writes with context.write, as health's Watch does
+
+        async def guarded_stream(request: object, context: grpc.aio.ServicerContext) -> Any:
+            await refuse(request, context)
+            return await stream(request, context)
+
+    return handler._replace(  # type: ignore[attr-defined]
+        request_deserializer=parse,
+        unary_stream=guarded_stream,
+        response_serializer=None if yields_bytes else handler.response_serializer,
+    )

@@ -1062,7 +1062,7 @@ def _events_page_sql(program: bool, account: bool) -> str:
     read: the page then ends at the window's end (see EventPage.reached)."""
     conditions = [
         "e.position > :after",
-        "e.position <= least(head.position, :after + :window)",
+        "e.position <= least(head.position, :window_end)",
         "e.type = ANY(:types)",
     ]
     if program:
@@ -1089,6 +1089,7 @@ def _events_page_sql(program: bool, account: bool) -> str:
 
 # Positions one read of the event log looks at, at most.
 EVENTS_WINDOW = 50_000
+MAX_POSITION = 2**63 - 1  # bigint
 
 
 @dataclass(frozen=True)
@@ -1111,7 +1112,9 @@ async def events_page(
         "program_id": where.program,
         "account_id": where.account,
         "limit": limit,
-        "window": window,
+        # Worked out here: `after + window` in SQL would overflow bigint for an `after` near
+        # 2^63 (which then finds itself past the head: OUT_OF_RANGE).
+        "window_end": min(after + window, MAX_POSITION),
     }
     cursor = await conn.execute(sql, params)
     rows = await cursor.fetchall()

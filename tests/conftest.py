@@ -94,8 +94,8 @@ def database_url(databases: Databases) -> str:
 class ServiceProcess:
     """`loyalty-service serve` in a child process, as it runs in production."""
 
-    def __init__(self, database_url: str, **env: str) -> None:
-        self.port = free_port()
+    def __init__(self, database_url: str, *, port: int | None = None, **env: str) -> None:
+        self.port = free_port() if port is None else port
         self.address = f"127.0.0.1:{self.port}"
         self.database_url = database_url
         self._stopped: tuple[int, str] | None = None
@@ -103,8 +103,9 @@ class ServiceProcess:
             **os.environ,
             "LOYALTY_DATABASE_URL": database_url,
             "LOYALTY_LISTEN_ADDRESS": self.address,
-            "LOYALTY_HEALTH_INTERVAL": "0.5",
             "LOYALTY_SHUTDOWN_GRACE": "5",
+            # Tests that time the drain set it themselves; the rest stop quickly.
+            "LOYALTY_SHUTDOWN_DRAIN": "0.2",
             "LOYALTY_LOG_LEVEL": "WARNING",
             **env,
         }

@@ -55,13 +55,15 @@ class Failure:
     domain: str
     metadata: dict[str, str]
     field_violations: dict[str, str]
+    # Every violation, in order (field_violations keeps one per field).
+    violations: list[tuple[str, str]]
 
 
 def failure(error: grpc.RpcError) -> Failure:
     """The code, the one ErrorInfo and any BadRequest field violations of an error."""
     status = rpc_status.from_call(error)
     assert status is not None, f"no rich status in {error}"
-    infos, violations = [], {}
+    infos, violations, in_order = [], {}, []
     for detail in status.details:
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             info = error_details_pb2.ErrorInfo()
@@ -71,6 +73,7 @@ def failure(error: grpc.RpcError) -> Failure:
             bad = error_details_pb2.BadRequest()
             detail.Unpack(bad)
             violations = {v.field: v.description for v in bad.field_violations}
+            in_order = [(v.field, v.description) for v in bad.field_violations]
     assert len(infos) == 1, f"expected exactly one ErrorInfo in {status}"
     info = infos[0]
     return Failure(
@@ -80,6 +83,7 @@ def failure(error: grpc.RpcError) -> Failure:
         domain=info.domain,
         metadata=dict(info.metadata),
         field_violations=violations,
+        violations=in_order,
     )
 
 
