@@ -127,6 +127,10 @@ class Batches(Generic[Item, Result]):
         timeout = self._expiry() - asyncio.get_running_loop().time()
         try:
             await asyncio.wait({future}, timeout=None if timeout == float("inf") else timeout)
+            if not future.done() and future in self._running:
+                # Taken in time: its batch waits for a connection no longer than this call
+                # may (_run_batches), and its statements have their own time-out.
+                return await future
         finally:
             if not future.done() and future not in self._running:
                 future.cancel()  # a cancelled future is skipped by the runner
