@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 GEN := loyalty_service/gen
 PROTOS := $(wildcard protos/vinr/loyalty/v1/*.proto)
 
-.PHONY: venv protos run test lint bench check migrate clean
+.PHONY: venv protos run test lint bench check migrate chaos soak clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -33,6 +33,18 @@ check: protos
 
 test: protos
 	$(BIN)/pytest
+
+# The fault suite at full strength (make test runs it in a short form): kill -9 cycles,
+# PostgreSQL stopped and killed, the database connection cut, 100,000 fuzzed requests,
+# thousands of idle connections. Figures: docs/reliability.md.
+chaos: protos
+	LOYALTY_FAULT_SCALE=long $(BIN)/pytest tests/faults -s --timeout 3600 -p no:cacheprovider
+
+# 30 minutes of mixed writes, reads and 100 subscribers; every minute's RSS, connections
+# and p99, then exact balances, every event delivered, and the invariant check.
+SOAK_MINUTES ?= 30
+soak: protos
+	$(BIN)/python -m tests.faults.soak --minutes $(SOAK_MINUTES)
 
 lint: protos
 	$(BIN)/ruff check .
