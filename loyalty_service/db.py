@@ -9,8 +9,9 @@ from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from pathlib import Path
 
+import psycopg
 import sqlalchemy as sa
-from psycopg import AsyncConnection, IsolationLevel
+from psycopg import AsyncConnection, IsolationLevel, pq
 from psycopg.rows import namedtuple_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
@@ -294,7 +295,19 @@ def create_pool(url: str, size: int, timeout: float = 5.0, statement_timeout: fl
         open=False,
         kwargs={"autocommit": True, "row_factory": namedtuple_row},
         configure=configure,
+        reset=_discard_in_pipeline_mode,
     )
+
+
+async def _discard_in_pipeline_mode(conn: AsyncConnection) -> None:
+    """Refuses (the pool then closes it) a connection that comes back still in pipeline
+    mode. A pipeline left by an exception or a cancellation with results not collected
+    (a dropped network, a call's deadline) cannot leave pipeline mode; psycopg forgets it
+    all the same. On such a connection a later autocommit statement runs, and answers, in
+    an implicit transaction that nothing commits: its posting would be acknowledged and
+    then rolled back."""
+    if conn.pgconn.pipeline_status != pq.PipelineStatus.OFF:
+        raise psycopg.OperationalError("connection returned in pipeline mode")
 
 
 @asynccontextmanager

@@ -132,8 +132,8 @@ class Batches(Generic[Item, Result]):
                 # may (_run_batches), and its statements have their own time-out.
                 return await future
         finally:
-            if not future.done() and future not in self._running:
-                future.cancel()  # a cancelled future is skipped by the runner
+            if not future.done():  # timed out, or this call was cancelled
+                future.cancel()  # the runner skips it, or drops its result
         if future.cancelled():
             raise PoolTimeout("no batch could take the posting before its deadline")
         return future.result()

@@ -146,35 +146,63 @@ class LoyaltyServer:
         meanwhile calls fail at once (db.Pool.reachable) instead of waiting for connections.
 
         The probe has a connection of its own, so that a busy pool never looks like an
-        outage, and runs every health_interval.
+        outage, and runs every health_interval. A probe that does not answer within
+        health_timeout is left to end in the background (psycopg's cancellation of it can
+        wait seconds on a hung network) and the next one starts on a new connection.
         """
         settings = self.settings
         probe: psycopg.AsyncConnection | None = None
+        running: set[asyncio.Task[psycopg.AsyncConnection]] = set()
+
+        def forget(attempt: asyncio.Task[psycopg.AsyncConnection]) -> None:
+            running.discard(attempt)
+            if not attempt.cancelled():
+                attempt.exception()  # looked at: an abandoned probe's error is no news
+
         try:
             while True:
-                try:
-                    async with asyncio.timeout(settings.health_timeout):
-                        if probe is None:
-                            probe = await psycopg.AsyncConnection.connect(
-                                db.libpq_url(self.database_url), autocommit=True
-                            )
-                        await probe.execute("SELECT 1")
-                    reachable, problem = True, ""
-                except Exception as error:  # any failure to answer in time is an outage
-                    reachable, problem = False, str(error) or type(error).__name__
-                    probe = await _closed(probe)
+                attempt = asyncio.create_task(self._probe(probe))
+                running.add(attempt)
+                attempt.add_done_callback(forget)
+                await asyncio.wait({attempt}, timeout=settings.health_timeout)
+                if not attempt.done():
+                    attempt.cancel()  # it closes its connection when it ends
+                    probe, reachable, problem = None, False, "no answer in time"
+                elif attempt.exception() is not None:
+                    error = attempt.exception()
+                    probe, reachable, problem = None, False, str(error) or type(error).__name__
+                else:
+                    probe, reachable, problem = attempt.result(), True, ""
                 if reachable != self.pool.reachable:
+                    # Connections the outage broke fail their next call (UNAVAILABLE, to be
+                    # retried) and the pool replaces them.
                     self.pool.reachable = reachable
                     if reachable:
-                        # Connections the outage broke are replaced before calls get them.
-                        await self.pool.check()
                         log.warning("database reachable again: SERVING")
                     else:
                         log.warning("database unreachable (%s): NOT_SERVING", problem)
                     await self._set_health(SERVING if reachable else NOT_SERVING)
                 await asyncio.sleep(settings.health_interval)
         finally:
+            for attempt in running:
+                attempt.cancel()
+            if running:
+                await asyncio.wait(set(running), timeout=1)
             await _closed(probe)
+
+    async def _probe(self, conn: psycopg.AsyncConnection | None) -> psycopg.AsyncConnection:
+        """SELECT 1 on `conn` (a new connection if None); the connection, which it closes if
+        anything goes wrong, itself cancelled included."""
+        try:
+            if conn is None:
+                conn = await psycopg.AsyncConnection.connect(
+                    db.libpq_url(self.database_url), autocommit=True, connect_timeout=5
+                )
+            await conn.execute("SELECT 1")
+            return conn
+        except BaseException:
+            await _closed(conn)
+            raise
 
     async def _prune(self) -> None:
         """Forgets old request ids and deletes old events. Every replica does it; a second

@@ -92,7 +92,10 @@ def database_url(databases: Databases) -> str:
 
 
 class ServiceProcess:
-    """`loyalty-service serve` in a child process, as it runs in production."""
+    """`loyalty-service serve` in a child process, as it runs in production.
+
+    Its output goes to a file, not a pipe: a pipe nobody reads fills (64 KiB) and the server
+    then blocks on its next log line."""
 
     def __init__(self, database_url: str, *, port: int | None = None, **env: str) -> None:
         self.port = free_port() if port is None else port
@@ -109,11 +112,12 @@ class ServiceProcess:
             "LOYALTY_LOG_LEVEL": "WARNING",
             **env,
         }
+        self._log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed by stop)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "loyalty_service", "serve"],
             env=environment,
             cwd=ROOT,
-            stdout=subprocess.PIPE,
+            stdout=self._log,
             stderr=subprocess.STDOUT,
             text=True,
         )
@@ -132,7 +136,7 @@ class ServiceProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"server exited:\n{self.process.stdout.read()}")
+                raise RuntimeError(f"server exited:\n{self.output()}")
             try:
                 if self.health() == health_pb2.HealthCheckResponse.SERVING:
                     return
@@ -141,17 +145,29 @@ class ServiceProcess:
             time.sleep(0.1)
         raise TimeoutError("server did not become SERVING")
 
+    def output(self) -> str:
+        """Everything the process has printed so far."""
+        self._log.seek(0)
+        return self._log.read()
+
+    def kill(self) -> None:
+        """kill -9: no shutdown at all; calls in flight die half-way."""
+        self.process.kill()
+        self.stop()
+
     def stop(self) -> tuple[int, str]:
-        """SIGTERM, then the exit code and everything the process printed. Idempotent."""
+        """SIGTERM (unless it exited), then the exit code and everything the process
+        printed. Idempotent."""
         if self._stopped is None:
             if self.process.poll() is None:
                 self.process.send_signal(signal.SIGTERM)
             try:
-                output, _ = self.process.communicate(timeout=30)
+                self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.process.kill()
-                output, _ = self.process.communicate()
-            self._stopped = (self.process.returncode, output)
+                self.process.wait()
+            self._stopped = (self.process.returncode, self.output())
+            self._log.close()
         return self._stopped
 
 
