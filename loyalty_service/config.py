@@ -28,7 +28,7 @@ class Settings:
     # Seconds between database probes that drive the health status, and how long one may
     # take: the database unreachable is NOT_SERVING within about their sum.
     health_interval: float = 0.25
-    health_timeout: float = 0.75
+    health_timeout: float = 0.5
     # Connections (gRPC channel arguments). Clients may ping this often, also with no call in
     # flight (more often is "too many pings": GOAWAY).
     keepalive_min_ping_interval: float = 10.0
