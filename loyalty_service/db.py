@@ -257,6 +257,9 @@ class Pool(AsyncConnectionPool):
     the call's deadline (`call_deadline`) or the pool's timeout, whichever comes first."""
 
     reachable = True
+    # The event-loop time a call last finished with a connection without an error: while
+    # calls keep doing so, a slow health probe means a busy database, not a lost one.
+    last_success = float("-inf")
 
     async def getconn(self, timeout: float | None = None) -> AsyncConnection:  # noqa: ASYNC109 (the base class's signature)
         if not self.reachable:
@@ -322,6 +325,8 @@ async def connection(pool: AsyncConnectionPool) -> AsyncIterator[AsyncConnection
     conn = await pool.getconn()
     try:
         yield conn
+        if isinstance(pool, Pool):
+            pool.last_success = asyncio.get_running_loop().time()
     finally:
         await pool.putconn(conn)
 

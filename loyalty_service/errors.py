@@ -141,23 +141,24 @@ class Undecodable:
         self.error = error
 
 
-class UndecodableLog:
-    """Logs undecodable requests once per interval, with a count: a client sending garbage
-    must not flood the log with a line (or a traceback) per request."""
+class CountingLog:
+    """Logs a kind of failure at most once per interval, with a count: a client sending
+    garbage, or every call during an outage, must not flood the log with a line each."""
 
-    def __init__(self, interval: float = 60.0) -> None:
+    def __init__(self, what: str, interval: float) -> None:
+        self.what = what
         self.interval = interval
         self._count = 0
         self._logged_at = -interval
 
-    def record(self, method: str, error: Exception) -> None:
+    def record(self, method: str, error: BaseException) -> None:
         self._count += 1
         now = time.monotonic()
         if now - self._logged_at >= self.interval:
             log.warning(
-                "%d undecodable request(s) since the last such line (one per %.0f s at most);"
-                " the latest, to %s: %s",
+                "%d %s since the last such line (one per %.0f s at most); the latest, in %s: %s",
                 self._count,
+                self.what,
                 self.interval,
                 method,
                 clipped(str(error), 200),
@@ -166,7 +167,9 @@ class UndecodableLog:
             self._logged_at = now
 
 
-UNDECODABLE_LOG = UndecodableLog()
+UNDECODABLE_LOG = CountingLog("undecodable request(s)", interval=60.0)
+TIMEOUT_LOG = CountingLog("database statement time-out(s)", interval=5.0)
+UNAVAILABLE_LOG = CountingLog("call(s) failed with the database unavailable", interval=5.0)
 
 
 def malformed_request(method: str, request: Undecodable) -> grpc.Status:
@@ -189,7 +192,7 @@ def status_of(error: Exception, method: str) -> grpc.Status:
     if isinstance(error, LedgerError):
         return to_status(error)
     if isinstance(error, QueryCanceled):
-        log.warning("database statement timed out in %s: %s", method, error)
+        TIMEOUT_LOG.record(method, error)
         return _status(
             grpc.StatusCode.UNAVAILABLE,
             "the database did not answer in time; retry with the same request_id",
@@ -198,10 +201,10 @@ def status_of(error: Exception, method: str) -> grpc.Status:
             retry=True,
         )
     if isinstance(error, PoolTimeout | OperationalError | InterfaceError):
-        log.warning("database unavailable in %s: %s", method, error)
+        UNAVAILABLE_LOG.record(method, error)
         return _status(
             grpc.StatusCode.UNAVAILABLE,
-            "the database is unavailable; retry later",
+            "the database is unavailable; retry with the same request_id",
             "DATABASE_UNAVAILABLE",
             {},
             retry=True,

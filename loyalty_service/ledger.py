@@ -135,7 +135,7 @@ class Batches(Generic[Item, Result]):
             if not future.done():  # timed out, or this call was cancelled
                 future.cancel()  # the runner skips it, or drops its result
         if future.cancelled():
-            raise PoolTimeout("no batch could take the posting before its deadline")
+            raise _not_taken()
         return future.result()
 
     def _expiry(self) -> float:
@@ -161,8 +161,12 @@ class Batches(Generic[Item, Result]):
     def _next_batch(self) -> list[tuple[Item, asyncio.Future[Result], float]]:
         """The waiting calls with no key in common, oldest first; the rest wait on."""
         batch, later, taken = [], [], set()
+        now = asyncio.get_running_loop().time()
         for entry in self._waiting:
             if entry[1].done():  # cancelled while waiting
+                continue
+            if entry[2] <= now:  # its caller's wait is over (its timer may not have fired)
+                entry[1].set_exception(_not_taken())
                 continue
             keys = self._keys(entry[0])
             if len(batch) < self._max_size and taken.isdisjoint(keys):
@@ -176,7 +180,9 @@ class Batches(Generic[Item, Result]):
     async def _run_batches(self) -> None:
         while batch := self._next_batch():
             self._running = {future for _, future, _ in batch}
-            expires = min(expires for _, _, expires in batch)
+            # The latest: one member with a short deadline must not fail the others. A
+            # caller whose deadline comes first is cancelled by gRPC, and its result dropped.
+            expires = max(expires for _, _, expires in batch)
             db.call_deadline.set(None if expires == float("inf") else expires)
             try:
                 results = await self._run([item for item, _, _ in batch])
@@ -201,6 +207,10 @@ class Batches(Generic[Item, Result]):
                     future.set_exception(result)
                 else:
                     future.set_result(result)
+
+
+def _not_taken() -> PoolTimeout:
+    return PoolTimeout("no batch could take the posting before its deadline")
 
 
 @dataclass(frozen=True)

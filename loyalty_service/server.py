@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 import psycopg
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from . import db, errors, store, telemetry
 from .api import LoyaltyAccounts, LoyaltyEvents, LoyaltyPrograms, PointsLedger
@@ -102,8 +102,11 @@ class LoyaltyServer:
         ]
         for add_to_server, servicer in servicers:
             _add_servicer(add_to_server, servicer, self.server)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        names = (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        _add_servicer(
+            reflection_pb2_grpc.add_ServerReflectionServicer_to_server,
+            reflection.aio.ReflectionServicer(names),
+            self.server,
         )
         try:
             self.port = self.server.add_insecure_port(self.settings.listen_address)
@@ -148,9 +151,12 @@ class LoyaltyServer:
         The probe has a connection of its own, so that a busy pool never looks like an
         outage, and runs every health_interval. A probe that does not answer within
         health_timeout is left to end in the background (psycopg's cancellation of it can
-        wait seconds on a hung network) and the next one starts on a new connection.
+        wait seconds on a hung network) and the next one starts on a new connection. It
+        counts as an outage unless calls finished on pooled connections meanwhile: then
+        the database is busy, and failing every call would make that worse.
         """
         settings = self.settings
+        loop = asyncio.get_running_loop()
         probe: psycopg.AsyncConnection | None = None
         running: set[asyncio.Task[psycopg.AsyncConnection]] = set()
 
@@ -167,10 +173,15 @@ class LoyaltyServer:
                 await asyncio.wait({attempt}, timeout=settings.health_timeout)
                 if not attempt.done():
                     attempt.cancel()  # it closes its connection when it ends
-                    probe, reachable, problem = None, False, "no answer in time"
-                elif attempt.exception() is not None:
-                    error = attempt.exception()
-                    probe, reachable, problem = None, False, str(error) or type(error).__name__
+                    probe, problem = None, "no answer in time"
+                    # Slow, not gone, while calls still finish on pooled connections.
+                    busy = self.pool.last_success > loop.time() - settings.health_timeout
+                    reachable = busy and self.pool.reachable
+                elif attempt.cancelled() or attempt.exception() is not None:
+                    error = None if attempt.cancelled() else attempt.exception()
+                    probe, problem = None, str(error) or type(error).__name__
+                    # An error the server sent (too many connections, say) says it is there.
+                    reachable = getattr(error, "sqlstate", None) is not None
                 else:
                     probe, reachable, problem = attempt.result(), True, ""
                 if reachable != self.pool.reachable:
@@ -301,10 +312,7 @@ def _guarded(
     method: str, handler: grpc.RpcMethodHandler, yields_bytes: bool
 ) -> grpc.RpcMethodHandler:
     """The handler, with undecodable requests answered INVALID_ARGUMENT MALFORMED_REQUEST
-    (gRPC itself answers UNKNOWN and logs a traceback per request). Only unary requests are
-    guarded: no service here but reflection streams requests."""
-    if handler.request_streaming:
-        return handler
+    (gRPC itself answers UNKNOWN and logs a traceback per request)."""
     deserialize = handler.request_deserializer
 
     def parse(data: bytes) -> object:
@@ -316,6 +324,20 @@ def _guarded(
     async def refuse(request: object, context: grpc.aio.ServicerContext) -> None:
         if isinstance(request, errors.Undecodable):
             await context.abort_with_status(errors.malformed_request(method, request))
+
+    if handler.request_streaming:  # reflection's one method streams both ways
+        both = handler.stream_stream
+
+        async def checked(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            async for request in requests:
+                await refuse(request, context)
+                yield request
+
+        async def guarded_both(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            async for response in both(checked(requests, context), context):
+                yield response
+
+        return handler._replace(request_deserializer=parse, stream_stream=guarded_both)  # type: ignore[attr-defined]
 
     if not handler.response_streaming:
         unary = handler.unary_unary

@@ -92,6 +92,14 @@ def test_strings_that_are_not_utf8_are_malformed_requests(roomy):
     refused(roomy, ACCOUNTS + "GetAccount", b"\x0a\x02\xff\xfe", reason="MALFORMED_REQUEST")
 
 
+def test_undecodable_reflection_requests_are_malformed_requests(roomy):
+    call = roomy.stream_stream("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")
+    with pytest.raises(grpc.RpcError) as caught:
+        list(call(iter([b"\x0a\x05ab"]), timeout=10))
+    found = failure(caught.value)
+    assert (found.code, found.reason) == (INVALID, "MALFORMED_REQUEST")
+
+
 def test_undecodable_stream_requests_are_malformed_requests(roomy):
     refused(
         roomy,

@@ -118,6 +118,12 @@ class Soak:
             self.latencies.append(time.monotonic() - started)
         except grpc.aio.AioRpcError as error:
             self.failures[error.code().name] += 1
+            if kind < 7:  # a write never acknowledged: this account's balance is unknown now
+                self.ids.remove(account)
+                self.balances.pop(account)
+        except AssertionError as wrong:  # a response's balance was not the one expected
+            self.failures["WRONG_BALANCE"] += 1
+            print("PROBLEM", wrong, flush=True)
         finally:
             self.busy.discard(account)
 
@@ -164,15 +170,26 @@ class Soak:
         self.payments[account].append((request.payment_id, euros))
 
     async def subscriber(self, received: list[int], started: asyncio.Event) -> None:
-        stream = self.points.SubscribeTransactionEvents(
-            points_pb2.SubscribeTransactionEventsRequest(after_position=self.start_position)
-        )
-        first = True
-        async for response in stream:
-            received.extend(event.position for event in response.events)
-            if first:
-                started.set()
-                first = False
+        """Receives every transaction event; resumes after its last position when its
+        stream ends (a resume is counted: a soak should need none)."""
+        position = self.start_position
+        while True:
+            stream = self.points.SubscribeTransactionEvents(
+                points_pb2.SubscribeTransactionEventsRequest(after_position=position)
+            )
+            try:
+                async for response in stream:
+                    received.extend(event.position for event in response.events)
+                    position = response.position or position
+                    started.set()
+            except grpc.aio.AioRpcError as error:
+                if (
+                    error.code() not in RETRYABLE
+                    and error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED
+                ):
+                    raise
+                RETRIES[f"resume after {error.code().name}"] += 1
+                await asyncio.sleep(0.2)
 
     async def verify(self, received: list[list[int]]) -> list[str]:
         problems = []
@@ -209,17 +226,27 @@ class Soak:
         return problems
 
 
-async def _retrying(call, request, attempts: int = 5):
-    """A write, retried with the same id on UNAVAILABLE (nothing should need it in a soak;
-    the retries are counted as failures all the same)."""
-    for attempt in range(attempts):
+RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+}
+RETRIES: Counter[str] = Counter()
+
+
+async def _retrying(call, request, give_up_after: float = 60):
+    """A write, retried with its same id until acknowledged (whether a failed attempt took
+    effect is unknown; the id makes the retry safe). Each retry is counted: a soak should
+    need none."""
+    deadline = time.monotonic() + give_up_after
+    while True:
         try:
             return await call(request, timeout=10)
         except grpc.aio.AioRpcError as error:
-            if error.code() != grpc.StatusCode.UNAVAILABLE or attempt == attempts - 1:
+            if error.code() not in RETRYABLE or time.monotonic() > deadline:
                 raise
-            await asyncio.sleep(0.5)
-    raise AssertionError("unreachable")
+            RETRIES[error.code().name] += 1
+            await asyncio.sleep(0.2)
 
 
 def _p99(values: list[float]) -> float:
@@ -291,6 +318,8 @@ async def run(args: argparse.Namespace, address: str, database_url: str, pid: in
             problems.append(f"open connections grew from {conn_start} to {conn_end}")
     if soak.failures:
         problems.append(f"failed calls: {dict(soak.failures)}")
+    if RETRIES:
+        problems.append(f"retried: {dict(RETRIES)}")
     total = sum(soak.calls.values())
     print(
         f"SOAK minutes={args.minutes} calls={total} rate={total / (60 * args.minutes):.0f}/s"
