@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -85,8 +86,8 @@ class Settings:
             self.max_connection_age,
             self.handshake_timeout,
         )
-        if min(intervals) <= 0:
-            raise ValueError("intervals and time-outs must be positive")
+        if not all(math.isfinite(x) and x > 0 for x in intervals):
+            raise ValueError("intervals and time-outs must be positive numbers")
         if min(self.shutdown_drain, self.shutdown_grace, self.max_connection_age_grace) < 0:
             raise ValueError("shutdown and connection-age grace periods must not be negative")
         if self.event_retention_days <= 0 or self.events_read_interval < 0:

@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2
 from psycopg_pool import PoolTimeout
 
 from loyalty_service import errors
+from loyalty_service.domain import FieldViolation, InvalidArgument
 from loyalty_service.pb import accounts_pb2, events_pb2, points_pb2, programs_pb2
 from tests.support import failure, unique
 
@@ -268,3 +269,15 @@ def test_database_errors_carry_retry_info():
     retry = error_details_pb2.RetryInfo()
     assert [d.Unpack(retry) for d in proto.details if d.Is(retry.DESCRIPTOR)] == [True]
     assert retry.retry_delay.seconds == 1
+
+
+def test_the_largest_possible_error_fits_in_a_client_s_trailers():
+    """Every cap at its worst at once: 8 violations and 8 metadata entries of long non-ASCII
+    text, a long message: encoded as gRPC sends them, under 7 KiB (a client takes 8)."""
+    wide = "ü" * 1000  # 2 bytes each in UTF-8, 6 when percent-encoded
+    error = InvalidArgument([FieldViolation(wide + str(i), wide) for i in range(20)])
+    error.metadata = {f"{wide}{i}": wide for i in range(20)}
+    status = errors.to_status(error)
+    details = dict(status.trailing_metadata)["grpc-status-details-bin"]
+    size = 4 * ((len(details) + 2) // 3) + len(_percent_encoded(status.details))
+    assert size < 7 << 10, size
