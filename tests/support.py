@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,3 +126,13 @@ def funded_account(accounts, points, balance: int) -> accounts_pb2.Account:
 
 def get(accounts, account_id: str) -> accounts_pb2.Account:
     return accounts.GetAccount(accounts_pb2.GetAccountRequest(id=account_id))
+
+
+def wait_for(condition, timeout: float = 30, interval: float = 0.2) -> None:
+    """Waits until `condition()` is true; TimeoutError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(interval)
+    raise TimeoutError("condition not met")

@@ -28,7 +28,7 @@ from loyalty_service.db import libpq_url
 from loyalty_service.pb import accounts_pb2, accounts_pb2_grpc, points_pb2, points_pb2_grpc
 from loyalty_service.server import channel_options
 from tests.conftest import ROOT
-from tests.support import EARN, create_account, failure
+from tests.support import EARN, create_account, failure, wait_for
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -251,10 +251,10 @@ def test_health_probes_find_an_outage_within_a_second(start_replica):
             watcher = threading.Thread(target=watch)
             watcher.start()
             try:
-                _wait_for(lambda: seen and seen[-1][1] == SERVING)
+                wait_for(lambda: seen and seen[-1][1] == SERVING, interval=0.02)
                 pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=postgres.system_user)
                 stopped = time.monotonic()  # gone by now (-w)
-                _wait_for(lambda: seen[-1][1] == NOT_SERVING)
+                wait_for(lambda: seen[-1][1] == NOT_SERVING, interval=0.02)
                 first_down = next(t for t, s in seen if s == NOT_SERVING)
                 with grpc.insecure_channel(replica.address) as channel:
                     stub = accounts_pb2_grpc.LoyaltyAccountsStub(channel)
@@ -271,7 +271,7 @@ def test_health_probes_find_an_outage_within_a_second(start_replica):
                 )
                 assert _has_retry_info(caught.value)
                 postgres.ensure_postgres_running()
-                _wait_for(lambda: seen[-1][1] == SERVING)
+                wait_for(lambda: seen[-1][1] == SERVING, interval=0.02)
             finally:
                 stop.set()
                 watcher.join()
@@ -288,12 +288,3 @@ def _has_retry_info(error: grpc.RpcError) -> bool:
     status = rpc_status.from_call(error)
     assert status is not None
     return any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in status.details)
-
-
-def _wait_for(condition, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.02)
-    raise TimeoutError("condition not met")

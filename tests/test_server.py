@@ -24,7 +24,7 @@ from sqlalchemy.engine import make_url
 from loyalty_service import db
 from loyalty_service.pb import accounts_pb2, accounts_pb2_grpc, points_pb2, points_pb2_grpc
 from tests.conftest import ROOT, libpq_url
-from tests.support import EARN, GRPCURL, failure, funded_account, get, grpcurl, unique
+from tests.support import EARN, GRPCURL, failure, funded_account, get, grpcurl, unique, wait_for
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -93,7 +93,7 @@ def test_sigterm_finishes_in_flight_calls_and_refuses_new_ones(
             in_flight = replica_points.CreatePointsTransaction.future(
                 points_pb2.CreatePointsTransactionRequest(account=account.id, type=EARN, amount=5)
             )
-            _wait_for(lambda: _waiting_for_a_row_lock(database_url) == 1)
+            wait_for(lambda: _waiting_for_a_row_lock(database_url) == 1)
             replica.process.send_signal(signal.SIGTERM)
             _wait_until_refused(channel, account.id, seconds=10)
             assert not in_flight.done(), "the held call is still in flight"
@@ -150,7 +150,7 @@ def test_not_serving_while_the_database_is_unreachable(start_replica):
         try:
             replica = start_replica(postgres.get_uri())
             pg_ctl(["-w", "-m", "immediate", "stop"], pgdata=pgdata, user=postgres.system_user)
-            _wait_for(lambda: replica.health() == NOT_SERVING)
+            wait_for(lambda: replica.health() == NOT_SERVING)
             with (
                 grpc.insecure_channel(replica.address) as channel,
                 pytest.raises(grpc.RpcError) as caught,
@@ -164,21 +164,12 @@ def test_not_serving_while_the_database_is_unreachable(start_replica):
                 "DATABASE_UNAVAILABLE",
             )
             postgres.ensure_postgres_running()
-            _wait_for(lambda: replica.health() == SERVING)
+            wait_for(lambda: replica.health() == SERVING)
             code, output = replica.stop()
         finally:
             postgres.cleanup()
         assert code == 0, output
         assert "Traceback" not in output, output
-
-
-def _wait_for(condition, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.2)
-    raise TimeoutError("condition not met")
 
 
 def test_check_command_exits_non_zero_on_a_violation(databases, start_replica):
