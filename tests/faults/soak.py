@@ -9,7 +9,8 @@ transaction event. Every minute it prints the server's RSS, its open TCP connect
 calls done and their p99 latency. At the end: every balance exactly what the acknowledged
 calls imply, every subscriber got every transaction event of the run exactly once and in
 order, and the ledger's invariants hold. It exits 1 if any of that fails, or if RSS or
-connections grew over the run (last minute against the second: the first is warm-up).
+connections grew over the run (the last minute against the tenth, or in a short run the
+second: the first minutes are warm-up).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from tests.support import EARN, REDEEM
 OCCURRED_AT = timestamp_pb2.Timestamp(seconds=1_772_366_400)
 # Growth over the run that still counts as flat.
 RSS_SLACK = 30 << 20
+WARM_UP_MINUTES = 10
 CONNECTION_SLACK = 5
 
 
@@ -311,19 +313,27 @@ async def run(args: argparse.Namespace, address: str, database_url: str, pid: in
     problems = await soak.verify(received)
     await soak.channel.close()
     if len(samples) >= 3:
-        (rss_start, conn_start), (rss_end, conn_end) = samples[1], samples[-1]
+        # The first minutes are warm-up: the event encoder's cache fills (16 MiB) and the
+        # allocator settles. Past them, RSS must hold still.
+        warm = samples[WARM_UP_MINUTES - 1] if len(samples) > 2 * WARM_UP_MINUTES else samples[1]
+        (rss_start, conn_start), (rss_end, conn_end) = warm, samples[-1]
         if rss_end - rss_start > RSS_SLACK:
             problems.append(f"RSS grew {(rss_end - rss_start) / 2**20:.1f} MB after warm-up")
         if conn_end - conn_start > CONNECTION_SLACK:
             problems.append(f"open connections grew from {conn_start} to {conn_end}")
     if soak.failures:
         problems.append(f"failed calls: {dict(soak.failures)}")
-    if RETRIES:
-        problems.append(f"retried: {dict(RETRIES)}")
+    # Streams end every LOYALTY_MAX_CONNECTION_AGE (+ grace) by design; their resumes are
+    # counted, not problems. Any other retry is.
+    resumes = {k: n for k, n in RETRIES.items() if k == "resume after UNAVAILABLE"}
+    retries = {k: n for k, n in RETRIES.items() if k not in resumes}
+    if retries:
+        problems.append(f"retried: {retries}")
     total = sum(soak.calls.values())
     print(
         f"SOAK minutes={args.minutes} calls={total} rate={total / (60 * args.minutes):.0f}/s"
         f" subscribers={args.subscribers} events_each={len(received[0]) if received else 0}"
+        f" stream_resumes={sum(resumes.values())}"
         f" problems={len(problems)}"
     )
     for problem in problems:
