@@ -17,6 +17,7 @@ from tests.faults.workload import (
     Workload,
     assert_reported_promptly,
     disrupt,
+    report,
 )
 
 # How long each cut lasts, at least.
@@ -46,10 +47,12 @@ def test_connection_cuts_under_load(databases, start_replica):
         except BaseException:
             server.print_output()
             raise
-    summary = workload.summary(disruptions=len(outages))
-    print(f"\nconnection cuts: {summary}; {proxy.connections} connections, {proxy.resets} reset")
-    for outage in outages:
-        print(f"  {outage}")
+    report(
+        "connection cuts",
+        workload,
+        outages,
+        f"; {proxy.connections} connections, {proxy.resets} reset",
+    )
     # The accounting first (directly, not through the proxy): it must hold whatever the
     # timings were.
     workload.verify(url)

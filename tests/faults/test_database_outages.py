@@ -23,6 +23,7 @@ from tests.faults.workload import (
     Workload,
     assert_reported_promptly,
     disrupt,
+    report,
 )
 
 # How long each outage lasts (from the stop to the restart), at least.
@@ -100,10 +101,7 @@ def test_database_outages_under_load(start_replica):
             except BaseException:
                 server.print_output()
                 raise
-            summary = workload.summary(disruptions=len(outages))
-            print(f"\ndatabase outages: {summary}")
-            for outage in outages:
-                print(f"  {outage}")
+            report("database outages", workload, outages)
             # The accounting first: it must hold whatever the timings were.
             workload.verify(url)
         finally:

@@ -399,24 +399,30 @@ class Workload:
 
     def wait_for_progress(self, operations: int, timeout: float = 30) -> float:
         """Waits until `operations` more are acknowledged; returns how long that took."""
-        started = time.monotonic()
         target = self.acknowledged + operations
-        while self.acknowledged < target:
-            self._raise_a_client_error()
-            if time.monotonic() - started > timeout:
-                raise TimeoutError(f"fewer than {operations} operations in {timeout} s")
-            time.sleep(0.01)
-        return time.monotonic() - started
+        return self._wait_until(
+            lambda: self.acknowledged >= target,
+            timeout,
+            f"fewer than {operations} operations in {timeout} s",
+        )
 
     def wait_for_every_client(self, timeout: float) -> float:
         """Waits until every client has had one more operation acknowledged (so none is left
         stuck, whatever the others manage); returns how long that took."""
-        started = time.monotonic()
         before = [len(c.acks) for c in self.clients]
-        while any(len(c.acks) == n for c, n in zip(self.clients, before, strict=True)):
+        return self._wait_until(
+            lambda: all(len(c.acks) > n for c, n in zip(self.clients, before, strict=True)),
+            timeout,
+            f"a client had nothing acknowledged in {timeout} s",
+        )
+
+    def _wait_until(self, done: Callable[[], bool], timeout: float, failure: str) -> float:
+        """Seconds until `done()`; a client's error, or TimeoutError(failure), ends it."""
+        started = time.monotonic()
+        while not done():
             self._raise_a_client_error()
             if time.monotonic() - started > timeout:
-                raise TimeoutError(f"a client had nothing acknowledged in {timeout} s")
+                raise TimeoutError(failure)
             time.sleep(0.01)
         return time.monotonic() - started
 
@@ -741,6 +747,13 @@ def disrupt(
         outage.to_serving = serving - restored
     outage.to_progress = workload.wait_for_every_client(timeout=GIVE_UP_AFTER)
     return outage
+
+
+def report(title: str, workload: Workload, outages: list[Outage], extra: str = "") -> None:
+    """Prints a run's summary and each outage, for the long run's figures (pytest -s)."""
+    print(f"\n{title}: {workload.summary(disruptions=len(outages))}{extra}")
+    for outage in outages:
+        print(f"  {outage}")
 
 
 def assert_reported_promptly(outages: list[Outage]) -> None:
