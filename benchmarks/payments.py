@@ -16,7 +16,8 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from loyalty_service import store
-from loyalty_service.domain import EventType
+from loyalty_service.domain.events import EventType
+from loyalty_service.domain.ids import MAX_BALANCE
 from loyalty_service.pb import points_pb2, programs_pb2, programs_pb2_grpc
 
 METHOD = "/vinr.loyalty.v1.PointsLedger/RecordPayment"
@@ -98,11 +99,11 @@ def pgbench_script(
       lifetime_points, create_time, version): pgbench cannot test a text value;
     - a first payment that loses the race to enroll its customer (the insert finds the
       account a concurrent first payment just committed) makes the service roll back and
-      start again (ledger._Moved); pgbench, which cannot, locks the account that won in
+      start again (ledger.requests.Moved); pgbench, which cannot, locks the account that won in
       the same transaction and goes on (it then has claimed the payment once, not twice);
     - the stored response and the events are built in the statements (jsonb_build_object:
-      the same keys and values as store.to_json), where the service sends them as JSON
-      parameters; ids are md5-based (hex) rather than domain.new_id's, the fingerprint is
+      the same keys and values as domain.codec.to_json), where the service sends them as JSON
+      parameters; ids are md5-based (hex) rather than domain.ids.new_id's, the fingerprint is
       a SHA-256 of the payment's random number, and occurred_at is now().
     """
     rules = {rule.trigger: rule for rule in program.earning_rules}
@@ -113,7 +114,7 @@ def pgbench_script(
         return "'" + value.replace("'", "''") + "'"
 
     def random_id(prefix: str, salt: str) -> str:
-        # 20 characters after the prefix, as domain.new_id, drawn from this payment's :k.
+        # 20 characters after the prefix, as domain.ids.new_id, drawn from this payment's :k.
         return f"'{prefix}' || substr(md5('{salt}' || :k::text), 1, 20)"
 
     now = "now()"
@@ -135,24 +136,28 @@ def pgbench_script(
             f" 'update_time', {now}, 'merged_into', NULL::text, 'version', {version})"
         )
 
-    def earn(id_: str, rule: programs_pb2.EarningRule, points: str, after: str) -> dict[str, str]:
-        """The parameters of store._INSERT_TRANSACTION for a rule's EARN (the ledger row of
-        domain.earn_transaction)."""
+    def earn(
+        idx: str, id_: str, event: str, rule: programs_pb2.EarningRule, points: str
+    ) -> dict[str, str]:
+        """A rule's EARN as store.postings.post sends it to the kernel (domain.payments.earn_postings)."""
         by_payment = rule.trigger == Rule.TRIGGER_PAYMENT_COMPLETED
         return {
-            "id": id_, "account_id": account, "original_account_id": "NULL", "type": "'EARN'",
-            "direction": "'CREDIT'", "amount": points, "points_after": after,
-            "reason": text(rule.name), "origin_kind": "'PAYMENT'" if by_payment else "'RULE'",
-            "origin_id": payment_id if by_payment else text(rule.id), "reverses_id": "NULL",
-            "reversed_amount": "0", "metadata": "'{}'", "create_time": now,
+            "idx": idx, "id": id_, "account_id": account, "type": "'EARN'",
+            "direction": "'CREDIT'", "amount": points, "delta": points, "lifetime_delta": points,
+            "min_balance": str(-MAX_BALANCE), "max_balance": str(MAX_BALANCE),
+            "closed_ok": "false", "reason": text(rule.name),
+            "origin_kind": "'PAYMENT'" if by_payment else "'RULE'",
+            "origin_id": payment_id if by_payment else text(rule.id), "reverses_id": "NULL::text",
             "rule_id": text(rule.id), "rule_version": str(rule.version),
+            "metadata": "'{}'::jsonb", "create_time": now, "key": "NULL::text",
+            "fingerprint": "NULL::text", "event_id": ids[event],
         }  # fmt: skip
 
-    def earn_json(params: dict[str, str]) -> str:
-        # As store.to_json writes a PointsTransaction.
+    def earn_json(params: dict[str, str], after: str) -> str:
+        # As domain.codec.to_json writes a PointsTransaction.
         fields = {
             "id": params["id"], "account": account, "type": "'EARN'", "direction": "'CREDIT'",
-            "amount": params["amount"], "points_after": params["points_after"],
+            "amount": params["amount"], "points_after": after,
             "reason": params["reason"], "origin_kind": params["origin_kind"],
             "origin_id": params["origin_id"], "metadata": "'{}'::jsonb", "create_time": now,
             "reverses": "NULL::text", "original_account": "NULL::text", "reversed_amount": "0",
@@ -161,18 +166,12 @@ def pgbench_script(
         pairs = ", ".join(f"'{name}', {value}" for name, value in fields.items())
         return f"jsonb_build_object({pairs})"
 
-    def saved(balance: str, lifetime: str, version: str) -> dict[str, str]:
-        """store._SAVE_POSTED's parameters: the account after its postings."""
-        return {
-            "id": account, "balance": balance, "lifetime_points": lifetime, "tier": "''",
-            "update_time": now, "version": version,
-        }  # fmt: skip
+    bonus = earn("0", ids["bonus"], "evt2", welcome, str(welcome.points))
+    earned_first = earn("0", ids["earn"], "evt3", pay, ":points::bigint")
+    earned_after_bonus = {**earned_first, "idx": "1"}
 
-    bonus = earn(ids["bonus"], welcome, str(welcome.points), ":bonus_after::bigint")
-    earned = earn(ids["earn"], pay, ":points::bigint", ":earn_after::bigint")
-
-    def save_payment(transactions: list[dict[str, str]]) -> str:
-        """store._SAVE_PAYMENT, with the response as store.to_json(PaymentResult) writes it."""
+    def save_payment(transactions: list[tuple[dict[str, str], str]]) -> str:
+        """store.payments.SAVE_PAYMENT, with the response as domain.codec.to_json(PaymentResult) writes it."""
         payment = (
             f"jsonb_build_object('id', {payment_id}, 'program', {text(program.id)}, 'customer',"
             f" {customer_}, 'amount', :amount::bigint, 'currency', {text(CURRENCY)},"
@@ -185,42 +184,29 @@ def pgbench_script(
         )  # fmt: skip
         response = (
             f"jsonb_build_object('payment', {payment}, 'transactions',"
-            f" jsonb_build_array({', '.join(earn_json(t) for t in transactions)}),"
+            f" jsonb_build_array({', '.join(earn_json(t, after) for t, after in transactions)}),"
             f" 'account', {after})"
         )
         params = {
             "id": payment_id, "outcome": "'EARNED'", "account_id": account,
             "earn_ids": f"ARRAY[{ids['earn']}]", "response": response,
         }  # fmt: skip
-        return statement(store._SAVE_PAYMENT, params)
+        return statement(store.payments.SAVE_PAYMENT, params)
 
-    def append_events(enrolled: bool) -> str:
-        """store._APPEND_EVENTS with the events a payment writes: account.created (the new
-        account as inserted) and its bonus's points_transaction.created when it enrolled,
-        then its earn's."""
+    created = {
+        "id": ids["evt1"], "type": f"'{EventType.ACCOUNT_CREATED}'", "create_time": now,
+        "program_id": text(program.id), "account_id": account, "transaction_id": "NULL::text",
+        "snapshot": account_json("0", "0", "1", now),
+    }  # fmt: skip
 
-        def event(n: int, type_: str, transaction: str, snapshot: str) -> str:
-            return (
-                f"jsonb_build_object('ord', {n}, 'id', {ids[f'evt{n}']}, 'type', '{type_}',"
-                f" 'create_time', {now}, 'program_id', {text(program.id)}, 'account_id',"
-                f" {account}, 'transaction_id', {transaction}, 'snapshot', {snapshot})"
-            )
-
-        created = account_json("0", "0", "1", now)
-        events = [
-            event(1, EventType.ACCOUNT_CREATED, "NULL::text", created),
-            event(2, EventType.TRANSACTION_CREATED, ids["bonus"], "NULL::jsonb"),
-        ] if enrolled else []  # fmt: skip
-        events.append(
-            event(len(events) + 1, EventType.TRANSACTION_CREATED, ids["earn"], "NULL::jsonb")
-        )
-        params = {"count": str(len(events)), "events": f"jsonb_build_array({', '.join(events)})"}
-        return statement(store._APPEND_EVENTS, params)
+    def post(postings: list[dict[str, str]], events_before: list[dict[str, str]]) -> str:
+        call = store.postings.post_points_call(postings, events_before, snapshots=True)
+        return statement(call, {})
 
     returning = "RETURNING accounts.id"
-    assert store._INSERT_ACCOUNT.rstrip().endswith(returning), store._INSERT_ACCOUNT
+    assert store.accounts.INSERT_ACCOUNT.rstrip().endswith(returning), store.accounts.INSERT_ACCOUNT
     insert_account = (
-        store._INSERT_ACCOUNT.rstrip()
+        store.accounts.INSERT_ACCOUNT.rstrip()
         + ", accounts.balance, accounts.lifetime_points, accounts.create_time, accounts.version"
     )
     new_account = {
@@ -234,7 +220,7 @@ def pgbench_script(
         "fingerprint": "encode(sha256(convert_to(:k::text, 'UTF8')), 'hex')",
         "create_time": now,
     }  # fmt: skip
-    lock_account = statement(store._LOCK_ACTIVE_ACCOUNT, owner) + " \\aset acct_"
+    lock_account = statement(store.accounts.LOCK_ACTIVE_ACCOUNT, owner) + " \\aset acct_"
     lines = [
         "\\set k random(1, 9000000000000000000)",
         f"\\set n random(1, {customers})",
@@ -245,12 +231,12 @@ def pgbench_script(
         # psycopg sends BEGIN with the first statement (pipeline mode).
         "\\startpipeline",
         "BEGIN;",
-        statement(store._SHARE_PROGRAM, {"id": text(program.id)}) + ";",
+        statement(store.programs.SHARE_PROGRAM, {"id": text(program.id)}) + ";",
         "\\endpipeline",
-        statement(store._CLAIM_PAYMENT, claim) + ";",
+        statement(store.payments.CLAIM_PAYMENT, claim) + ";",
         lock_account,
         "\\if :acct_version = 0",
-        statement(store._FORMER_ACCOUNT, owner) + ";",
+        statement(store.accounts.FORMER_ACCOUNT, owner) + ";",
         statement(insert_account, new_account) + " \\aset acct_",
         "\\if :acct_version = 0",
         lock_account,  # lost the race to enroll: see the docstring
@@ -262,28 +248,21 @@ def pgbench_script(
         f"\\set earn_after :acct_balance + :enrolled * {welcome.points} + :points",
         f"\\set earn_lifetime :acct_lifetime_points + :enrolled * {welcome.points} + :points",
         "\\set earn_version :acct_version + :enrolled + 1",
-        # The writes and the COMMIT go in one round trip, as the service pipelines them.
+        # The kernel's call, then the payment's outcome and the COMMIT in one round trip, as
+        # the service pipelines them.
+        "\\if :enrolled = 1",
+        post([bonus, earned_after_bonus], [created]) + ";",
         "\\startpipeline",
-        "\\if :enrolled = 1",
-        statement(store._INSERT_TRANSACTION, bonus) + ";",
-        statement(
-            store._SAVE_POSTED,
-            saved(":bonus_after::bigint", ":bonus_after::bigint", ":acct_version::bigint + 1"),
-        ) + ";",
-        "\\endif",
-        statement(store._INSERT_TRANSACTION, earned) + ";",
-        statement(
-            store._SAVE_POSTED,
-            saved(":earn_after::bigint", ":earn_lifetime::bigint", ":earn_version::bigint"),
-        ) + ";",
-        "\\if :enrolled = 1",
-        save_payment([bonus, earned]) + ";",
-        append_events(enrolled=True) + ";",
-        "\\else",
-        save_payment([earned]) + ";",
-        append_events(enrolled=False) + ";",
-        "\\endif",
+        save_payment([(bonus, ":bonus_after::bigint"), (earned_after_bonus, ":earn_after::bigint")])
+        + ";",
         "COMMIT;",
         "\\endpipeline",
+        "\\else",
+        post([earned_first], []) + ";",
+        "\\startpipeline",
+        save_payment([(earned_first, ":earn_after::bigint")]) + ";",
+        "COMMIT;",
+        "\\endpipeline",
+        "\\endif",
     ]  # fmt: skip
     return "\n".join(lines) + "\n"

@@ -1,8 +1,8 @@
 """CPU per posting, alone and in batches: `.venv/bin/python -m benchmarks.postings`.
 
 On one connection to a fresh embedded PostgreSQL with 10,000 accounts, posts 3,000 earns
-with request ids through store.post_transaction (alone) and through store.post_transactions
-in batches of 1, 4 and 16 distinct accounts, and prints the CPU that PostgreSQL's backend
+with request ids through the posting kernel (store.postings.post), alone and waiting for
+each account's lock, and in batches of 1, 4 and 16 distinct accounts without waiting, and prints the CPU that PostgreSQL's backend
 and this process spent per posting (docs/benchmarks.md, "Group commit").
 """
 
@@ -23,22 +23,22 @@ POSTINGS = 3000
 ACCOUNTS = 10_000
 
 
-def earn() -> store.NewPosting:
-    new = domain.NewTransaction(
+def earn() -> store.postings.NewPosting:
+    new = domain.points.NewTransaction(
         account=f"loy_bench{random.randint(1, ACCOUNTS):015d}",
-        type=domain.TransactionType.EARN,
-        direction=domain.Direction.CREDIT,
+        type=domain.points.TransactionType.EARN,
+        direction=domain.points.Direction.CREDIT,
         amount=5,
     )
     key = f"CreatePointsTransaction:{secrets.token_hex(8)}"
-    change = domain.change(new.type, new.direction, new.amount)
-    return store.NewPosting(
-        domain.to_post(new, datetime.now(UTC)), change, (key, secrets.token_hex(32))
+    change = domain.points.change(new.type, new.direction, new.amount)
+    return store.postings.NewPosting(
+        domain.points.to_post(new, datetime.now(UTC)), change, (key, secrets.token_hex(32))
     )
 
 
-def batch(size: int) -> list[store.NewPosting]:
-    postings: dict[str, store.NewPosting] = {}
+def batch(size: int) -> list[store.postings.NewPosting]:
+    postings: dict[str, store.postings.NewPosting] = {}
     while len(postings) < size:
         posting = earn()
         postings[posting.ptx.account] = posting
@@ -57,12 +57,12 @@ async def measure(url: str) -> None:
         row = await (await conn.execute("SELECT pg_backend_pid() AS pid")).fetchone()
         assert row is not None
 
-        async def alone(postings: list[store.NewPosting]) -> None:
+        async def alone(postings: list[store.postings.NewPosting]) -> None:
             (posting,) = postings
-            await store.post_transaction(conn, posting)
+            await store.postings.post(conn, [posting])
 
-        async def together(postings: list[store.NewPosting]) -> None:
-            await store.post_transactions(conn, postings)
+        async def together(postings: list[store.postings.NewPosting]) -> None:
+            await store.postings.post(conn, postings, wait=False)
 
         for name, size, post in [
             ("alone", 1, alone),

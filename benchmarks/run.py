@@ -3,7 +3,7 @@
 Scenarios (each: warm-up, then a timed window at the same concurrency for both sides):
 - uniform_earn: EARN of 1..10 points with a fresh request_id, on 10,000 accounts at random.
   Baseline: pgbench running the statement one such earn executes alone
-  (store.post_transaction; under load the service writes earns in batches).
+  (store.postings.post; under load the service writes earns in batches).
 - hot_account: EARN and REDEEM alternating on one account, fresh request_ids.
   Baseline: pgbench running the same statement on one account.
 - get_account: GetAccount on random accounts. Baseline: the health service's Check, an
@@ -51,7 +51,7 @@ from sqlalchemy.engine import make_url
 
 from benchmarks import payments
 from loyalty_service import db, store
-from loyalty_service.ledger import find_violations
+from loyalty_service.ledger.checks import find_violations
 from loyalty_service.pb import accounts_pb2, points_pb2, points_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -198,7 +198,12 @@ PGBENCH_PARAMS = {
     "reason": "''",
     "origin_kind": "'MANUAL'",
     "origin_id": "''",
-    "metadata": "'{}'",
+    "idx": "0",
+    "closed_ok": "false",
+    "reverses_id": "NULL::text",
+    "rule_id": "NULL::text",
+    "rule_version": "NULL::int",
+    "metadata": "'{}'::jsonb",
     "create_time": "now()",
     # Built from one random number per transaction, so that each expression has one value,
     # as a bound parameter has (a volatile function would be evaluated once per use).
@@ -218,7 +223,8 @@ HOT_PARAMS = {
 
 
 def pgbench_script(params: dict[str, str], header: str) -> str:
-    return f"{header}\n{pgbench_statement(store._POST_TRANSACTION_ONCE, params)};\n"
+    """One posting with a request id, alone: the kernel's call as the service makes it."""
+    return f"{header}\n{pgbench_statement(store.postings.post_points_call([params]), {})};\n"
 
 
 def pgbench_statement(sql: str, params: dict[str, str]) -> str:

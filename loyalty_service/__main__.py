@@ -22,7 +22,7 @@ def _database_url(settings: Settings) -> str:
 
 
 async def _check(url: str) -> int:
-    from .ledger import find_violations
+    from .ledger.checks import find_violations
 
     # No statement timeout: checking a large ledger is one long read.
     async with db.create_pool(url, size=1, statement_timeout=0) as pool:

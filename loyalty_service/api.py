@@ -10,10 +10,11 @@ from google.protobuf.message import Message
 
 from . import convert, domain
 from .convert import PageTokens, Violations
-from .domain import Page
+from .domain.ids import Page
 from .errors import translated, translated_stream
 from .events import EventFeed
-from .ledger import AccountChanges, Ledger
+from .ledger import Ledger
+from .ledger.accounts import AccountChanges
 from .pb import (
     accounts_pb2,
     accounts_pb2_grpc,
@@ -51,7 +52,7 @@ class LoyaltyPrograms(programs_pb2_grpc.LoyaltyProgramsServicer):
     async def GetProgram(
         self, request: programs_pb2.GetProgramRequest, context: Context
     ) -> programs_pb2.Program:
-        program_id = convert.single_id("id", request.id, domain.PROGRAM_ID)
+        program_id = convert.single_id("id", request.id, domain.ids.PROGRAM_ID)
         return convert.program_pb(await self.ledger.get_program(program_id))
 
     @translated
@@ -96,7 +97,7 @@ class LoyaltyAccounts(accounts_pb2_grpc.LoyaltyAccountsServicer):
         self, request: accounts_pb2.CreateAccountRequest, context: Context
     ) -> accounts_pb2.Account:
         v = Violations()
-        program = v.id("program", request.program, domain.PROGRAM_ID)
+        program = v.id("program", request.program, domain.ids.PROGRAM_ID)
         customer = convert.customer(v, "customer", request.customer)
         metadata = v.metadata("metadata", request.metadata)
         v.request_id(request.request_id)
@@ -108,7 +109,7 @@ class LoyaltyAccounts(accounts_pb2_grpc.LoyaltyAccountsServicer):
     async def GetAccount(
         self, request: accounts_pb2.GetAccountRequest, context: Context
     ) -> accounts_pb2.Account:
-        account_id = convert.single_id("id", request.id, domain.ACCOUNT_ID)
+        account_id = convert.single_id("id", request.id, domain.ids.ACCOUNT_ID)
         return convert.account_pb(await self.ledger.get_account(account_id))
 
     @translated
@@ -116,7 +117,7 @@ class LoyaltyAccounts(accounts_pb2_grpc.LoyaltyAccountsServicer):
         self, request: accounts_pb2.UpdateAccountRequest, context: Context
     ) -> accounts_pb2.Account:
         v = Violations()
-        account_id = v.id("account.id", request.account.id, domain.ACCOUNT_ID)
+        account_id = v.id("account.id", request.account.id, domain.ids.ACCOUNT_ID)
         paths = convert.update_paths(v, request.update_mask.paths, convert.ACCOUNT_PATHS)
         if not paths:
             # AIP-134: without a mask, update the fields that are set.
@@ -173,8 +174,8 @@ class LoyaltyAccounts(accounts_pb2_grpc.LoyaltyAccountsServicer):
         self, request: accounts_pb2.MergeAccountsRequest, context: Context
     ) -> accounts_pb2.MergeAccountsResponse:
         v = Violations()
-        source = v.id("source", request.source, domain.ACCOUNT_ID)
-        target = v.id("target", request.target, domain.ACCOUNT_ID)
+        source = v.id("source", request.source, domain.ids.ACCOUNT_ID)
+        target = v.id("target", request.target, domain.ids.ACCOUNT_ID)
         v.request_id(request.request_id)
         v.raise_if_any()
         merged = await self.ledger.merge_accounts(source, target, request.request_id)
@@ -187,7 +188,7 @@ class LoyaltyAccounts(accounts_pb2_grpc.LoyaltyAccountsServicer):
         self, request: accounts_pb2.SubscribeAccountEventsRequest, context: Context
     ) -> AsyncIterator[bytes]:
         # Responses go out as bytes (see server._add_servicer): SubscribeAccountEventsResponse.
-        async for response in _subscribe(self.feed, request, domain.ACCOUNT_EVENT_TYPES):
+        async for response in _subscribe(self.feed, request, domain.events.ACCOUNT_EVENT_TYPES):
             yield response
 
 
@@ -209,7 +210,7 @@ class PointsLedger(points_pb2_grpc.PointsLedgerServicer):
     async def GetPointsTransaction(
         self, request: points_pb2.GetPointsTransactionRequest, context: Context
     ) -> points_pb2.PointsTransaction:
-        transaction_id = convert.single_id("id", request.id, domain.TRANSACTION_ID)
+        transaction_id = convert.single_id("id", request.id, domain.ids.TRANSACTION_ID)
         return convert.transaction_pb(await self.ledger.get_transaction(transaction_id))
 
     @translated
@@ -248,9 +249,9 @@ class PointsLedger(points_pb2_grpc.PointsLedgerServicer):
         self, request: points_pb2.ReversePointsTransactionRequest, context: Context
     ) -> points_pb2.PointsTransaction:
         v = Violations()
-        transaction_id = v.id("id", request.id, domain.TRANSACTION_ID)
+        transaction_id = v.id("id", request.id, domain.ids.TRANSACTION_ID)
         amount = v.amount("amount", request.amount) if request.HasField("amount") else None
-        reason = v.text("reason", request.reason, domain.MAX_REASON_LENGTH)
+        reason = v.text("reason", request.reason, domain.points.MAX_REASON_LENGTH)
         v.request_id(request.request_id)
         v.raise_if_any()
         reversal = await self.ledger.reverse_transaction(
@@ -263,7 +264,7 @@ class PointsLedger(points_pb2_grpc.PointsLedgerServicer):
         self, request: points_pb2.SubscribeTransactionEventsRequest, context: Context
     ) -> AsyncIterator[bytes]:
         # Responses go out as bytes: SubscribeTransactionEventsResponse.
-        async for response in _subscribe(self.feed, request, domain.TRANSACTION_EVENT_TYPES):
+        async for response in _subscribe(self.feed, request, domain.events.TRANSACTION_EVENT_TYPES):
             yield response
 
 
@@ -278,7 +279,7 @@ class LoyaltyEvents(events_pb2_grpc.LoyaltyEventsServicer):
     ) -> events_pb2.ListEventsResponse:
         v = Violations()
         where = convert.event_filter(
-            v, request.program, request.account, request.types, frozenset(domain.EventType)
+            v, request.program, request.account, request.types, frozenset(domain.events.EventType)
         )
         if request.after_position < 0:
             v.add("after_position", "must not be negative")
@@ -310,7 +311,7 @@ async def _subscribe(
     feed: EventFeed,
     request: accounts_pb2.SubscribeAccountEventsRequest
     | points_pb2.SubscribeTransactionEventsRequest,
-    types: frozenset[domain.EventType],
+    types: frozenset[domain.events.EventType],
 ) -> AsyncIterator[bytes]:
     """A subscription's responses, as bytes, for either kind of event."""
     v = Violations()
@@ -365,7 +366,7 @@ def _fit(messages: list[M]) -> list[M]:
 
 def _id_and_request_id(account_id: str, request_id: str) -> str:
     v = Violations()
-    v.id("id", account_id, domain.ACCOUNT_ID)
+    v.id("id", account_id, domain.ids.ACCOUNT_ID)
     v.request_id(request_id)
     v.raise_if_any()
     return account_id

@@ -17,31 +17,20 @@ from typing import TypeVar
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from . import domain
-from .domain import (
-    Account,
-    AccountStatus,
-    Direction,
+from .domain.accounts import Account, AccountStatus
+from .domain.errors import FieldViolation, InvalidArgument
+from .domain.events import Event, EventFilter, EventType
+from .domain.payments import NewPayment, NewRefund, PaymentOutcome, PaymentResult, RefundResult
+from .domain.points import Direction, OriginKind, PointsTransaction, TransactionType
+from .domain.programs import (
     EarningRule,
-    Event,
-    EventFilter,
-    EventType,
-    FieldViolation,
-    InvalidArgument,
-    NewPayment,
     NewProgram,
-    NewRefund,
-    OriginKind,
-    PaymentOutcome,
-    PaymentResult,
-    PointsTransaction,
     Program,
     ProgramChanges,
     ProgramStatus,
-    RefundResult,
     RuleTrigger,
     Tier,
     TierMultiplier,
-    TransactionType,
 )
 from .pb import accounts_pb2, events_pb2, points_pb2, programs_pb2
 
@@ -86,7 +75,7 @@ _NUL_MESSAGE = "must not contain the character U+0000"
 @dataclass
 class Violations:
     """Collects the problems with a request, so one error names them: the first
-    domain.MAX_VIOLATIONS of them, and how many more there were."""
+    domain.errors.MAX_VIOLATIONS of them, and how many more there were."""
 
     found: list[FieldViolation] = field(default_factory=list)
     omitted: int = 0
@@ -95,7 +84,7 @@ class Violations:
         self.extend([FieldViolation(field_path, description)])
 
     def extend(self, violations: Sequence[FieldViolation]) -> None:
-        room = max(0, domain.MAX_VIOLATIONS - len(self.found))
+        room = max(0, domain.errors.MAX_VIOLATIONS - len(self.found))
         self.found.extend(violations[:room])
         self.omitted += max(0, len(violations) - room)
 
@@ -131,25 +120,25 @@ class Violations:
         return value
 
     def metadata(self, field_path: str, value: Mapping[str, str]) -> dict[str, str]:
-        self.at_most(field_path, value, domain.MAX_METADATA_KEYS, "keys")
+        self.at_most(field_path, value, domain.ids.MAX_METADATA_KEYS, "keys")
         for key, item in value.items():
-            if not key or len(key) > domain.MAX_METADATA_KEY_LENGTH:
+            if not key or len(key) > domain.ids.MAX_METADATA_KEY_LENGTH:
                 self.add(
                     f"{field_path}[{key[:40]}]",
-                    f"keys must be 1 to {domain.MAX_METADATA_KEY_LENGTH} characters",
+                    f"keys must be 1 to {domain.ids.MAX_METADATA_KEY_LENGTH} characters",
                 )
-            if len(item) > domain.MAX_METADATA_VALUE_LENGTH:
+            if len(item) > domain.ids.MAX_METADATA_VALUE_LENGTH:
                 self.add(
                     f"{field_path}[{key[:40]}]",
-                    f"values must be at most {domain.MAX_METADATA_VALUE_LENGTH} characters",
+                    f"values must be at most {domain.ids.MAX_METADATA_VALUE_LENGTH} characters",
                 )
             if "\x00" in key or "\x00" in item:
                 self.add(f"{field_path}[{key[:40]}]", _NUL_MESSAGE)
         return dict(value)
 
     def amount(self, field_path: str, value: int) -> int:
-        if not 1 <= value <= domain.MAX_AMOUNT:
-            self.add(field_path, f"must be between 1 and {domain.MAX_AMOUNT}")
+        if not 1 <= value <= domain.ids.MAX_AMOUNT:
+            self.add(field_path, f"must be between 1 and {domain.ids.MAX_AMOUNT}")
         return value
 
     def timestamp(self, field_path: str, value: Timestamp) -> datetime | None:
@@ -160,7 +149,7 @@ class Violations:
         return value.ToDatetime(tzinfo=UTC)
 
     def request_id(self, value: str) -> str:
-        return self.text("request_id", value, domain.MAX_REQUEST_ID_LENGTH)
+        return self.text("request_id", value, domain.ids.MAX_REQUEST_ID_LENGTH)
 
     def enum(
         self, field_path: str, value: int, table: Mapping[int, E], *, required: bool
@@ -180,34 +169,36 @@ class Violations:
 
 
 def customer(violations: Violations, field_path: str, value: str) -> str | None:
-    return violations.text(field_path, value, domain.MAX_CUSTOMER_LENGTH) or None
+    return violations.text(field_path, value, domain.accounts.MAX_CUSTOMER_LENGTH) or None
 
 
-def new_transaction(request: points_pb2.CreatePointsTransactionRequest) -> domain.NewTransaction:
+def new_transaction(
+    request: points_pb2.CreatePointsTransactionRequest,
+) -> domain.points.NewTransaction:
     v = Violations()
-    account = v.id("account", request.account, domain.ACCOUNT_ID)
+    account = v.id("account", request.account, domain.ids.ACCOUNT_ID)
     type_ = v.enum("type", request.type, _TYPE_FROM_PB, required=True)
     direction = v.enum("direction", request.direction, _DIRECTION_FROM_PB, required=False)
     if type_ is TransactionType.REVERSE:
         v.add("type", "REVERSE transactions are posted by ReversePointsTransaction")
     elif type_ is TransactionType.ADJUST and request.direction == 0:
         v.add("direction", "is required for ADJUST")
-    elif type_ in domain.IMPLIED_DIRECTION:
-        implied = domain.IMPLIED_DIRECTION[type_]
+    elif type_ in domain.points.IMPLIED_DIRECTION:
+        implied = domain.points.IMPLIED_DIRECTION[type_]
         if direction is not None and direction is not implied:
             v.add("direction", f"{type_} is always a {implied}")
         direction = implied
     amount = v.amount("amount", request.amount)
-    reason = v.text("reason", request.reason, domain.MAX_REASON_LENGTH)
+    reason = v.text("reason", request.reason, domain.points.MAX_REASON_LENGTH)
     origin_kind = v.enum("origin.kind", request.origin.kind, _ORIGIN_FROM_PB, required=False)
     if origin_kind in _RESERVED_ORIGINS:
         v.add("origin.kind", f"{origin_kind} is reserved for the service")
-    origin_id = v.text("origin.id", request.origin.id, domain.MAX_ORIGIN_ID_LENGTH)
+    origin_id = v.text("origin.id", request.origin.id, domain.points.MAX_ORIGIN_ID_LENGTH)
     metadata = v.metadata("metadata", request.metadata)
     v.request_id(request.request_id)
     v.raise_if_any()
     assert type_ is not None and direction is not None
-    return domain.NewTransaction(
+    return domain.points.NewTransaction(
         account=account,
         type=type_,
         direction=direction,
@@ -240,36 +231,36 @@ def update_paths(v: Violations, paths: Sequence[str], updatable: Sequence[str]) 
 def _program_name(v: Violations, field_path: str, value: str) -> str:
     if not value.strip():
         v.add(field_path, "is required")
-    return v.text(field_path, value, domain.MAX_PROGRAM_NAME_LENGTH)
+    return v.text(field_path, value, domain.programs.MAX_PROGRAM_NAME_LENGTH)
 
 
 def _currency(v: Violations, field_path: str, value: str) -> str:
     if not value:
         v.add(field_path, "is required")
-    elif not domain.CURRENCY.fullmatch(value):
+    elif not domain.programs.CURRENCY.fullmatch(value):
         v.add(field_path, "must be an ISO 4217 code: three uppercase letters")
     return value
 
 
 def _tiers(v: Violations, field_path: str, values: Sequence[programs_pb2.Tier]) -> list[Tier]:
-    v.at_most(field_path, values, domain.MAX_TIERS, "tiers")
+    v.at_most(field_path, values, domain.programs.MAX_TIERS, "tiers")
     tiers = [Tier(t.name, t.lifetime_points) for t in values]
-    v.extend(domain.tier_violations(field_path, tiers))
+    v.extend(domain.programs.tier_violations(field_path, tiers))
     return tiers
 
 
 def _rules(
     v: Violations, field_path: str, values: Sequence[programs_pb2.EarningRule]
 ) -> list[EarningRule]:
-    """The rules as asked for; what they say is checked by domain.rule_violations, against
+    """The rules as asked for; what they say is checked by domain.programs.rule_violations, against
     the tiers the program will have."""
-    v.at_most(field_path, values, domain.MAX_RULES, "rules")
+    v.at_most(field_path, values, domain.programs.MAX_RULES, "rules")
     rules = []
     for index, rule in enumerate(values):
         path = f"{field_path}[{index}]"
         trigger = v.enum(f"{path}.trigger", rule.trigger, _TRIGGER_FROM_PB, required=True)
         multipliers = rule.tier_multipliers
-        v.at_most(f"{path}.tier_multipliers", multipliers, domain.MAX_TIERS, "entries")
+        v.at_most(f"{path}.tier_multipliers", multipliers, domain.programs.MAX_TIERS, "entries")
         rules.append(
             EarningRule(
                 trigger=trigger or RuleTrigger.PAYMENT_COMPLETED,
@@ -292,15 +283,15 @@ def _rules(
 
 
 def _rule_changes(v: Violations, values: Sequence[programs_pb2.EarningRule]) -> list[EarningRule]:
-    for index, rule in enumerate(values[: domain.MAX_RULES]):
-        v.id(f"program.earning_rules[{index}].id", rule.id, domain.RULE_ID, required=False)
+    for index, rule in enumerate(values[: domain.programs.MAX_RULES]):
+        v.id(f"program.earning_rules[{index}].id", rule.id, domain.ids.RULE_ID, required=False)
     return _rules(v, "program.earning_rules", values)
 
 
 def new_program(request: programs_pb2.CreateProgramRequest) -> tuple[str | None, NewProgram]:
     """The id asked for (None: generate one) and the program to create."""
     v = Violations()
-    program_id = v.id("program_id", request.program_id, domain.PROGRAM_ID, required=False)
+    program_id = v.id("program_id", request.program_id, domain.ids.PROGRAM_ID, required=False)
     program = request.program
     name = _program_name(v, "program.name", program.name)
     currency = _currency(v, "program.currency", program.currency)
@@ -308,7 +299,7 @@ def new_program(request: programs_pb2.CreateProgramRequest) -> tuple[str | None,
     status = v.enum("program.status", program.status, _PROGRAM_STATUS_FROM_PB, required=False)
     # Rule ids are output only here: the program's rules are all new.
     rules = [replace(r, id="") for r in _rules(v, "program.earning_rules", program.earning_rules)]
-    v.extend(domain.rule_violations("program.earning_rules", rules, tiers))
+    v.extend(domain.programs.rule_violations("program.earning_rules", rules, tiers))
     v.request_id(request.request_id)
     v.raise_if_any()
     new = NewProgram(
@@ -327,7 +318,7 @@ def program_changes(request: programs_pb2.UpdateProgramRequest) -> tuple[str, Pr
     mask means the fields that are set, `*` all of them. Only the named fields are read."""
     v = Violations()
     program = request.program
-    program_id = v.id("program.id", program.id, domain.PROGRAM_ID)
+    program_id = v.id("program.id", program.id, domain.ids.PROGRAM_ID)
     paths = update_paths(v, request.update_mask.paths, PROGRAM_PATHS)
     if not paths:
         # A proto3 scalar at its default is not "set": false and [] need the mask.
@@ -362,10 +353,10 @@ def program_changes(request: programs_pb2.UpdateProgramRequest) -> tuple[str, Pr
 def new_payment(request: points_pb2.RecordPaymentRequest) -> NewPayment:
     v = Violations()
     payment_id = _external_id(v, "payment_id", request.payment_id)
-    program = v.id("program", request.program, domain.PROGRAM_ID)
+    program = v.id("program", request.program, domain.ids.PROGRAM_ID)
     customer_ = customer(v, "customer", request.customer)
-    if not 1 <= request.amount <= domain.MAX_PAYMENT_AMOUNT:
-        v.add("amount", f"must be between 1 and {domain.MAX_PAYMENT_AMOUNT} (minor units)")
+    if not 1 <= request.amount <= domain.programs.MAX_PAYMENT_AMOUNT:
+        v.add("amount", f"must be between 1 and {domain.programs.MAX_PAYMENT_AMOUNT} (minor units)")
     currency = _currency(v, "currency", request.currency)
     occurred_at = None
     if not request.HasField("occurred_at"):
@@ -390,8 +381,8 @@ def new_refund(request: points_pb2.RecordRefundRequest) -> NewRefund:
     v = Violations()
     refund_id = _external_id(v, "refund_id", request.refund_id)
     payment_id = _external_id(v, "payment_id", request.payment_id)
-    if not 1 <= request.amount <= domain.MAX_PAYMENT_AMOUNT:
-        v.add("amount", f"must be between 1 and {domain.MAX_PAYMENT_AMOUNT} (minor units)")
+    if not 1 <= request.amount <= domain.programs.MAX_PAYMENT_AMOUNT:
+        v.add("amount", f"must be between 1 and {domain.programs.MAX_PAYMENT_AMOUNT} (minor units)")
     v.raise_if_any()
     return NewRefund(id=refund_id, payment_id=payment_id, amount=request.amount)
 
@@ -400,12 +391,12 @@ def _external_id(v: Violations, field_path: str, value: str) -> str:
     """An id from another system (a payment's, a refund's): required, at most 255 characters."""
     if not value:
         v.add(field_path, "is required")
-    return v.text(field_path, value, domain.MAX_PAYMENT_ID_LENGTH)
+    return v.text(field_path, value, domain.payments.MAX_PAYMENT_ID_LENGTH)
 
 
 def rule_version(request: programs_pb2.GetEarningRuleRequest) -> tuple[str, int | None]:
     v = Violations()
-    rule_id = v.id("id", request.id, domain.RULE_ID)
+    rule_id = v.id("id", request.id, domain.ids.RULE_ID)
     if request.version < 0:
         v.add("version", "must not be negative (0: the latest)")
     v.raise_if_any()
@@ -419,32 +410,32 @@ def program_status_filter(request: programs_pb2.ListProgramsRequest) -> ProgramS
     return status
 
 
-def account_filter(request: accounts_pb2.ListAccountsRequest) -> domain.AccountFilter:
+def account_filter(request: accounts_pb2.ListAccountsRequest) -> domain.accounts.AccountFilter:
     v = Violations()
-    program = v.id("program", request.program, domain.PROGRAM_ID, required=False)
+    program = v.id("program", request.program, domain.ids.PROGRAM_ID, required=False)
     customer_ = customer(v, "customer", request.customer)
     status = v.enum("status", request.status, _STATUS_FROM_PB, required=False)
     v.raise_if_any()
-    return domain.AccountFilter(program=program or None, customer=customer_, status=status)
+    return domain.accounts.AccountFilter(program=program or None, customer=customer_, status=status)
 
 
 def transaction_filter(
     request: points_pb2.ListPointsTransactionsRequest,
-) -> domain.TransactionFilter:
+) -> domain.points.TransactionFilter:
     v = Violations()
-    account = v.id("account", request.account, domain.ACCOUNT_ID, required=False)
+    account = v.id("account", request.account, domain.ids.ACCOUNT_ID, required=False)
     type_ = v.enum("type", request.type, _TYPE_FROM_PB, required=False)
     direction = v.enum("direction", request.direction, _DIRECTION_FROM_PB, required=False)
     v.raise_if_any()
-    return domain.TransactionFilter(account=account or None, type=type_, direction=direction)
+    return domain.points.TransactionFilter(account=account or None, type=type_, direction=direction)
 
 
 def event_filter(
     v: Violations, program: str, account: str, types: Sequence[str], allowed: frozenset[EventType]
 ) -> EventFilter:
     """The filters of a subscription or list; no types means all of `allowed`."""
-    program = v.id("program", program, domain.PROGRAM_ID, required=False)
-    account = v.id("account", account, domain.ACCOUNT_ID, required=False)
+    program = v.id("program", program, domain.ids.PROGRAM_ID, required=False)
+    account = v.id("account", account, domain.ids.ACCOUNT_ID, required=False)
     chosen = set()
     v.at_most("types", types, MAX_TYPE_FILTERS, "entries")
     for index, name in enumerate(types):
@@ -686,7 +677,7 @@ class PageTokens:
     def encode(self, after: int | None, query: object) -> str:
         if after is None:
             return ""
-        body = _b64(json.dumps({"after": after, "query": _digest(query)}).encode())
+        body = _b64(json.dumps({"after": after, "query": domain.codec.digest(query)[:16]}).encode())
         return f"{body}.{self._sign(body)}"
 
     def decode(self, token: str, query: object) -> int | None:
@@ -702,7 +693,7 @@ class PageTokens:
             after, digest = int(payload["after"]), payload["query"]
         except (ValueError, KeyError, TypeError, binascii.Error):
             raise _bad_token("is malformed") from None
-        if digest != _digest(query):
+        if digest != domain.codec.digest(query)[:16]:
             raise _bad_token("belongs to a request with other filters")
         return after
 
@@ -712,10 +703,6 @@ class PageTokens:
 
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).decode().rstrip("=")
-
-
-def _digest(query: object) -> str:
-    return hashlib.sha256(json.dumps(query, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _bad_token(description: str) -> InvalidArgument:

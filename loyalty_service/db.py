@@ -46,7 +46,7 @@ programs = sa.Table(
     sa.Column("status", sa.Text, nullable=False, server_default="ACTIVE"),
     sa.Column("create_time", sa.DateTime(timezone=True), nullable=False, server_default=NOW),
     sa.Column("update_time", sa.DateTime(timezone=True), nullable=False),
-    # [EarningRule as JSON (store.to_json), ...] in the order they apply.
+    # [EarningRule as JSON (domain.codec.to_json), ...] in the order they apply.
     sa.Column("earning_rules", JSONB, nullable=False, server_default=sa.text("'[]'::jsonb")),
     sa.CheckConstraint("status IN ('ACTIVE', 'ARCHIVED')", name="status"),
 )
@@ -137,7 +137,7 @@ earning_rule_versions = sa.Table(
     sa.Column("rule_id", sa.Text, primary_key=True),
     sa.Column("version", sa.Integer, primary_key=True),
     sa.Column("program_id", sa.Text, sa.ForeignKey("programs.id"), nullable=False),
-    sa.Column("rule", JSONB, nullable=False),  # the EarningRule as JSON (store.to_json)
+    sa.Column("rule", JSONB, nullable=False),  # the EarningRule as JSON (domain.codec.to_json)
     sa.Column("create_time", sa.DateTime(timezone=True), nullable=False),
 )
 
@@ -204,7 +204,7 @@ events = sa.Table(
     sa.Column("create_time", sa.DateTime(timezone=True), nullable=False),
     sa.Column("program_id", sa.Text, nullable=False),
     sa.Column("account_id", sa.Text, nullable=False),
-    # points_transaction.created: the ledger row is the snapshot (see domain.as_posted).
+    # points_transaction.created: the ledger row is the snapshot (see domain.points.as_posted).
     sa.Column("transaction_id", sa.Text),
     # Account events: the account as of the change.
     sa.Column("snapshot", JSONB),

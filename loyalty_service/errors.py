@@ -18,7 +18,7 @@ from psycopg.errors import QueryCanceled
 from psycopg_pool import PoolTimeout
 
 from . import db
-from .domain import (
+from .domain.errors import (
     AccountAlreadyExists,
     CurrencyLocked,
     FailedPrecondition,
@@ -64,7 +64,7 @@ def code_for(error: LedgerError) -> grpc.StatusCode:
 # up to 3 bytes a byte; and in grpc-status-details-bin, base64: 4 bytes per 3), so with these
 # caps, in UTF-8 bytes, the worst error's trailers stay under 7 KiB (a test builds it):
 #   message 400 -> 1,200 + 533; ErrorInfo 8 x (32 + 160) metadata -> ~2,100;
-#   BadRequest domain.MAX_VIOLATIONS (8) x (80 + 160) -> ~2,600; RetryInfo a few bytes.
+#   BadRequest domain.errors.MAX_VIOLATIONS (8) x (80 + 160) -> ~2,600; RetryInfo a few bytes.
 MAX_MESSAGE_BYTES = 400
 MAX_METADATA_ENTRIES = 8
 MAX_METADATA_KEY_BYTES = 32

@@ -1,6 +1,6 @@
 """Event delivery: tailing the event log and fanning new events out to subscribers.
 
-Each server process has one EventFeed. It reads new events from the log (store.events_page)
+Each server process has one EventFeed. It reads new events from the log (store.events.events_page)
 when woken, by a PostgreSQL notification (every commit that appends events sends one; see
 migration 0002) or by a timer (notifications are lost while nobody listens, e.g. while the
 listening connection reconnects), and hands each to the subscriptions it matches. A
@@ -25,11 +25,12 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from . import db, domain, store
-from .domain import Event, EventFilter, LedgerError, ServerStopping, SubscriberTooSlow
+from .domain.errors import LedgerError, ServerStopping, SubscriberTooSlow
+from .domain.events import Event, EventFilter
 
 log = logging.getLogger(__name__)
 
-EVERY_EVENT = EventFilter(types=frozenset(domain.EventType))
+EVERY_EVENT = EventFilter(types=frozenset(domain.events.EventType))
 
 
 @dataclass(frozen=True)
@@ -220,9 +221,9 @@ class EventFeed:
         """The position a stream starts after: `after` if it is still valid, just before the
         oldest retained event, or (by default) the newest event: from now."""
         async with db.connection(self.pool) as conn:
-            page = await store.events_page(conn, EVERY_EVENT, 0, 0)
+            page = await store.events.events_page(conn, EVERY_EVENT, 0, 0)
         if after is not None:
-            domain.check_position(after, page.oldest, page.head)
+            domain.events.check_position(after, page.oldest, page.head)
             return after
         return page.oldest - 1 if from_oldest else page.head
 
@@ -237,10 +238,10 @@ class EventFeed:
             # last page, so that a slow client cannot keep it catching up forever.
             while True:
                 async with self._catching_up, db.connection(self.pool) as conn:
-                    page = await store.events_page(
+                    page = await store.events.events_page(
                         conn, where, subscription.reached, settings.page_size
                     )
-                domain.check_position(subscription.reached, page.oldest, page.head)
+                domain.events.check_position(subscription.reached, page.oldest, page.head)
                 subscription.offer(Encoded.of(page.events, self.encode), page.reached)
                 if self._closed:
                     raise _stopping()
@@ -280,14 +281,14 @@ class EventFeed:
     async def _read_new_events(self) -> None:
         while self._subscriptions:
             async with db.connection(self.pool) as conn:
-                page = await store.events_page(
+                page = await store.events.events_page(
                     conn, EVERY_EVENT, self.head, self.settings.page_size
                 )
             if page.oldest > self.head + 1:
                 # Retention pruned events nobody here has read: no subscriber may go on as if
                 # it had them. (Only a feed that fell a whole retention period behind.)
                 for subscription in self._subscriptions:
-                    subscription.end(domain.position_expired(self.head, page.oldest))
+                    subscription.end(domain.events.position_expired(self.head, page.oldest))
                 self._subscriptions.clear()
                 self.head = page.oldest - 1
                 return
@@ -335,7 +336,7 @@ class EventFeed:
                     application_name="loyalty-events-listener",
                 )
                 async with conn:
-                    await store.listen_for_events(conn)
+                    await store.events.listen_for_events(conn)
                     self._wake.set()
                     async for _ in conn.notifies():
                         self._wake.set()

@@ -80,7 +80,7 @@ class LoyaltyServer:
     async def start(self) -> None:
         await self.pool.open(wait=True)
         async with self.pool.connection() as conn:
-            tokens = PageTokens(await store.page_token_key(conn))
+            tokens = PageTokens(await store.settings.page_token_key(conn))
         servicers = [
             (
                 accounts_pb2_grpc.add_LoyaltyAccountsServicer_to_server,

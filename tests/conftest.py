@@ -217,7 +217,7 @@ def programs(channel: grpc.Channel) -> programs_pb2_grpc.LoyaltyProgramsStub:
 
 
 def find_violations(database_url: str) -> list[str]:
-    from loyalty_service.ledger import find_violations as find
+    from loyalty_service.ledger.checks import find_violations as find
 
     async def run() -> list[str]:
         async with db.create_pool(database_url, size=1) as pool:

@@ -18,7 +18,8 @@ import pytest
 
 from loyalty_service import convert, db, domain, store
 from loyalty_service.config import Settings
-from loyalty_service.ledger import Ledger, system_clock
+from loyalty_service.ledger import Ledger
+from loyalty_service.ledger.requests import system_clock
 from loyalty_service.pb import (
     accounts_pb2,
     accounts_pb2_grpc,
@@ -232,11 +233,13 @@ def test_a_commit_held_open_holds_back_later_ones_and_nothing_is_skipped(fresh):
         ) as conn:
             conn.row_factory = psycopg.rows.namedtuple_row
             async with conn.transaction():
-                new = domain.NewTransaction(held_account.id, domain.TransactionType.EARN,
-                                            domain.Direction.CREDIT, 7)  # fmt: skip
-                ptx = domain.to_post(new, system_clock())
-                change = domain.change(new.type, new.direction, new.amount)
-                posted = await store.post_transaction(conn, store.NewPosting(ptx, change))
+                new = domain.points.NewTransaction(held_account.id, domain.points.TransactionType.EARN,
+                                            domain.points.Direction.CREDIT, 7)  # fmt: skip
+                ptx = domain.points.to_post(new, system_clock())
+                change = domain.points.change(new.type, new.direction, new.amount)
+                (posted,) = await store.postings.post(
+                    conn, [store.postings.NewPosting(ptx, change)]
+                )
                 assert posted.points_after == 7
                 held.append(ptx.id)
                 inserted.set()
@@ -532,18 +535,20 @@ def test_under_concurrent_writers_a_resuming_subscriber_gets_every_event_once(fr
 
 def test_stream_responses_built_from_encoded_events_are_the_messages():
     now = system_clock()
-    account = domain.Account(
-        id=domain.new_id("loy_"), program="prog_default", customer="c", balance=5,
-        status=domain.AccountStatus.ACTIVE, lifetime_points=5, tier="", metadata={"a": "b"},
+    account = domain.accounts.Account(
+        id=domain.ids.new_id("loy_"), program="prog_default", customer="c", balance=5,
+        status=domain.accounts.AccountStatus.ACTIVE, lifetime_points=5, tier="", metadata={"a": "b"},
         create_time=now, update_time=now, version=3,
     )  # fmt: skip
-    ptx = domain.PointsTransaction(
-        id=domain.new_id("ptx_"), account=account.id, type=domain.TransactionType.EARN,
-        direction=domain.Direction.CREDIT, amount=5, points_after=5, reason="r",
-        origin_kind=domain.OriginKind.MANUAL, origin_id="", metadata={}, create_time=now,
+    ptx = domain.points.PointsTransaction(
+        id=domain.ids.new_id("ptx_"), account=account.id, type=domain.points.TransactionType.EARN,
+        direction=domain.points.Direction.CREDIT, amount=5, points_after=5, reason="r",
+        origin_kind=domain.points.OriginKind.MANUAL, origin_id="", metadata={}, create_time=now,
     )  # fmt: skip
-    created = replace(domain.account_event(domain.EventType.ACCOUNT_CREATED, account), position=1)
-    posted = replace(domain.transaction_event(ptx, account.program), position=300)
+    created = replace(
+        domain.events.account_event(domain.events.EventType.ACCOUNT_CREATED, account), position=1
+    )
+    posted = replace(domain.events.transaction_event(ptx, account.program), position=300)
     encoder = convert.EventEncoder(capacity_bytes=1)
 
     def response(events: list, position: int) -> bytes:
@@ -682,12 +687,12 @@ def test_filters_on_streams_and_reads_bounded_by_a_window_of_positions(fresh):
     assert closing.quiet(0.3) == []
     closing.cancel()
 
-    async def read(after: int) -> store.EventPage:
+    async def read(after: int) -> store.events.EventPage:
         async with await psycopg.AsyncConnection.connect(
             libpq_url(r.database_url), autocommit=True, row_factory=psycopg.rows.namedtuple_row
         ) as conn:
-            wanted = domain.EventFilter(frozenset({domain.EventType.ACCOUNT_CLOSED}))
-            return await store.events_page(conn, wanted, after, limit=10, window=2)
+            wanted = domain.events.EventFilter(frozenset({domain.events.EventType.ACCOUNT_CLOSED}))
+            return await store.events.events_page(conn, wanted, after, limit=10, window=2)
 
     # A read looks at two positions at most: nothing there, but it says how far it got.
     first = asyncio.run(read(0))

@@ -9,14 +9,11 @@ import psycopg
 import pytest
 
 from loyalty_service import db
-from loyalty_service.domain import (
-    AccountNotActive,
-    Direction,
-    InsufficientPoints,
-    NewTransaction,
-    TransactionType,
-)
-from loyalty_service.ledger import Batches, Ledger, find_violations
+from loyalty_service.domain.errors import AccountNotActive, InsufficientPoints
+from loyalty_service.domain.points import Direction, NewTransaction, TransactionType
+from loyalty_service.ledger import Ledger
+from loyalty_service.ledger.batches import Batches
+from loyalty_service.ledger.checks import find_violations
 
 EARN, REDEEM = TransactionType.EARN, TransactionType.REDEEM
 CREDIT, DEBIT = Direction.CREDIT, Direction.DEBIT
@@ -180,19 +177,22 @@ def test_batches_keep_keys_apart_and_release_every_caller():
     asyncio.run(scenario())
 
 
-def test_post_transactions_says_what_it_did_with_each_posting(databases):
-    """store.post_transactions alone: posted, replayed, left alone (locked elsewhere, not
-    ACTIVE, out of bounds, missing), each read back from one statement."""
+def test_the_kernel_says_what_it_did_with_each_posting_of_a_batch(databases):
+    """store.postings.post without waiting (as group commit calls it): posted, replayed, skipped
+    (locked elsewhere or missing), refused with the reason and the account as it is (not
+    ACTIVE, out of bounds), each read back from one statement."""
     from datetime import UTC, datetime
 
     from loyalty_service import domain, store
 
     url = databases.create()
 
-    def posting(new: NewTransaction, key: str | None = None) -> store.NewPosting:
-        change = domain.change(new.type, new.direction, new.amount)
+    def posting(new: NewTransaction, key: str | None = None) -> store.postings.NewPosting:
+        change = domain.points.change(new.type, new.direction, new.amount)
         request = (key, "fp-" + key) if key else None
-        return store.NewPosting(domain.to_post(new, datetime.now(UTC)), change, request)
+        return store.postings.NewPosting(
+            domain.points.to_post(new, datetime.now(UTC)), change, request
+        )
 
     async def scenario(ledger: Ledger) -> None:
         ids = [(await ledger.create_account("prog_default", None, {})).id for _ in range(5)]
@@ -205,7 +205,7 @@ def test_post_transactions_says_what_it_did_with_each_posting(databases):
             await psycopg.AsyncConnection.connect(db.libpq_url(url)) as blocker,
         ):
             await blocker.execute("SELECT 1 FROM accounts WHERE id = %s FOR UPDATE", [held])
-            done = await store.post_transactions(
+            done = await store.postings.post(
                 conn,
                 [
                     posting(earn(fresh, 3), "CreatePointsTransaction:req-2"),
@@ -215,14 +215,20 @@ def test_post_transactions_says_what_it_did_with_each_posting(databases):
                     posting(redeem(poor, 1)),
                     posting(earn("loy_" + "M" * 20, 1)),
                 ],
+                wait=False,
             )
             await blocker.rollback()
-        assert done[0] == store.Posted(3)
-        assert done[1].points_after is None
-        assert done[1].prior == store.StoredResponse(
+        assert done[0] == store.postings.Posted(store.postings.POSTED, 3)
+        assert (done[1].result, done[1].points_after) == (store.postings.REPLAYED, None)
+        assert done[1].prior == store.requests.StoredResponse(
             (await _stored(ledger, key)).fingerprint, first.id
         )
-        assert done[2:] == [store.Posted(None)] * 4
+        assert done[2] == store.postings.Posted(store.postings.SKIPPED)
+        assert done[3].result == "ACCOUNT_NOT_ACTIVE"
+        assert done[3].account is not None and done[3].account.status == "CLOSED"
+        assert done[4].result == "INSUFFICIENT_POINTS"
+        assert done[4].account is not None and done[4].account.balance == 0
+        assert done[5] == store.postings.Posted(store.postings.SKIPPED)
         assert await balances(ledger, *ids) == [3, 8, 0, 0, 0]
 
     run(url, scenario)
@@ -232,4 +238,4 @@ async def _stored(ledger: Ledger, key: str):
     from loyalty_service import store
 
     async with db.connection(ledger.pool) as conn:
-        return await store.stored_response(conn, key)
+        return await store.requests.stored_response(conn, key)

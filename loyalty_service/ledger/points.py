@@ -1,0 +1,120 @@
+"""Use cases of points transactions: posting (in batches), reading, reversing."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+from .. import db, domain, store
+from ..domain.ids import Page
+from ..domain.points import NewTransaction, PointsTransaction, TransactionFilter
+from ..store.sql import Conn
+from .batches import Batches
+from .postings import post
+from .requests import (
+    Moved,
+    UseCases,
+    check_fingerprint,
+    request_id_reused,
+    request_key,
+    transaction_not_found,
+)
+
+log = logging.getLogger(__name__)
+
+
+class PointsUseCases(UseCases):
+    _postings: Batches[store.postings.NewPosting, store.postings.Posted]
+
+    async def create_transaction(
+        self, new: NewTransaction, request_id: str = ""
+    ) -> PointsTransaction:
+        # The hot path: the posting joins the next batch (group commit), where the kernel
+        # posts many at once without waiting for any account's lock (store.postings.post); what the
+        # batch skips is posted by itself, waiting for its account.
+        change = domain.points.change(new.type, new.direction, new.amount)
+        ptx = domain.points.to_post(new, self.clock())
+        # What the request asked for, in a fixed order, for its fingerprint.
+        asked = [
+            new.account, new.type, new.direction, new.amount, new.reason,
+            new.origin_kind, new.origin_id, new.metadata,
+        ]  # fmt: skip
+        key, fingerprint = request_key("CreatePointsTransaction", request_id, asked)
+        posting = store.postings.NewPosting(ptx, change, (key, fingerprint) if request_id else None)
+        posted = await self._postings.run(posting)
+        if posted is None or posted.result == store.postings.SKIPPED:
+            posted = await self._post_alone(posting)
+        if posted.result == store.postings.POSTED:
+            return replace(ptx, points_after=posted.points_after)
+        if posted.result == store.postings.REPLAYED:
+            assert posted.prior is not None
+            check_fingerprint(posted.prior, fingerprint, request_id_reused(request_id))
+            async with db.connection(self.pool) as conn:
+                first = await store.postings.get_transaction(conn, posted.prior.response)
+            assert first is not None  # transactions are never deleted
+            return domain.points.as_posted(first)
+        raise domain.points.refusal(posted.result, new.account, posted.account, change)
+
+    async def _post_batch(
+        self, postings: list[store.postings.NewPosting]
+    ) -> list[store.postings.Posted]:
+        async with db.connection(self.pool) as conn:
+            try:
+                return await store.postings.post(conn, postings, wait=False)
+            except store.postings.NotTaken as error:
+                # Each posting goes again on its own, so that none can fail the others.
+                log.info("a batch of %d postings was refused: %s", len(postings), error)
+                return [store.postings.Posted(store.postings.SKIPPED)] * len(postings)
+
+    async def _post_alone(self, posting: store.postings.NewPosting) -> store.postings.Posted:
+        async with db.connection(self.pool) as conn:
+            try:
+                (posted,) = await store.postings.post(conn, [posting])
+            except store.postings.NotTaken as error:
+                if not (error.key_taken and posting.request):
+                    raise error.error from None
+                # A retry that raced the first attempt: its response is committed now.
+                prior = await store.requests.stored_response(conn, posting.request[0])
+                assert prior is not None  # a key is kept until pruned, long after
+                return store.postings.Posted(store.postings.REPLAYED, prior=prior)
+        return posted
+
+    async def get_transaction(self, transaction_id: str) -> PointsTransaction:
+        async with db.connection(self.pool) as conn:
+            ptx = await store.postings.get_transaction(conn, transaction_id)
+        if ptx is None:
+            raise transaction_not_found(transaction_id)
+        return ptx
+
+    async def list_transactions(
+        self, where: TransactionFilter, after: int | None, limit: int
+    ) -> Page[PointsTransaction]:
+        async with db.connection(self.pool) as conn:
+            return await store.postings.list_transactions(conn, where, after, limit)
+
+    async def reverse_transaction(
+        self, transaction_id: str, amount: int | None, reason: str, request_id: str = ""
+    ) -> PointsTransaction:
+        async def work(conn: Conn) -> PointsTransaction:
+            seen = await store.postings.get_transaction(conn, transaction_id)
+            if seen is None:
+                raise transaction_not_found(transaction_id)
+            # Lock order is account, then transaction, as in merges (which re-parent
+            # transactions while holding their accounts' locks).
+            account = await self._lock_account(conn, seen.account)
+            original = await store.postings.get_transaction(conn, transaction_id, lock=True)
+            assert original is not None  # transactions are never deleted
+            if original.account != account.id:
+                raise Moved
+            points = domain.points.check_reversal(original, amount)
+            origin = (original.origin_kind, original.origin_id)
+            reversal = domain.points.reversal(
+                original, points, origin, reason, self.clock(), refund=False
+            )
+            [posted], _ = await post(conn, [reversal])
+            return posted
+
+        params = {"id": transaction_id, "amount": amount, "reason": reason}
+        return await self.run(
+            "ReversePointsTransaction", request_id, params, PointsTransaction, work
+        )

@@ -1,0 +1,40 @@
+"""Posting what a use case worked out, through the kernel (store.postings.post)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from .. import domain, store
+from ..domain.accounts import Account
+from ..domain.events import Event
+from ..domain.points import PointsTransaction
+from ..store.sql import Conn
+
+
+async def post(
+    conn: Conn,
+    postings: list[tuple[PointsTransaction, domain.points.Change]],
+    events_before: list[Event] | None = None,
+) -> tuple[list[PointsTransaction], Account | None]:
+    """Posts through the kernel, in order, what a use case worked out under its account's
+    lock, as its last step (the kernel logs their events after `events_before`). The posted
+    transactions and the account after them (None if there were none); the first refused
+    raises why, failing the use case and so undoing the others."""
+    if not postings:
+        await store.events.append_events(conn, events_before or [])
+        return [], None
+    new = [store.postings.NewPosting(ptx, change) for ptx, change in postings]
+    done = await store.postings.post(conn, new, snapshots=True, events_before=events_before)
+    posted = []
+    for (ptx, change), result in zip(postings, done, strict=True):
+        if result.result != store.postings.POSTED:
+            raise domain.points.refusal(result.result, ptx.account, result.account, change)
+        posted.append(replace(ptx, points_after=result.points_after))
+    return posted, done[-1].account
+
+
+def posting_keys(posting: store.postings.NewPosting) -> tuple[object, ...]:
+    """What may appear only once in a batch of postings: the account and the request key."""
+    if posting.request is None:
+        return (posting.ptx.account,)
+    return (posting.ptx.account, posting.request[0])

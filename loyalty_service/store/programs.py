@@ -1,0 +1,188 @@
+"""Programs and the versions of their earning rules."""
+
+from __future__ import annotations
+
+import functools
+from datetime import datetime
+
+import sqlalchemy as sa
+from psycopg.types.json import Jsonb
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+from ..db import accounts, earning_rule_versions, programs
+from ..domain.codec import from_json, to_json
+from ..domain.ids import Page
+from ..domain.programs import EarningRule, Program, ProgramStatus, Tier
+from .sql import Conn, Row, bind, compiled, const, keyset, one, page_of
+
+_PROGRAM_COLUMNS = [c for c in programs.c if c.name != "seq"]
+
+
+_PROGRAM_ID = sa.bindparam("id", type_=sa.Text)
+
+
+_INSERT_PROGRAM = compiled(
+    pg_insert(programs)
+    .values({c.name: bind(c) for c in _PROGRAM_COLUMNS})
+    .on_conflict_do_nothing(index_elements=["id"])
+    .returning(programs.c.id)
+)
+
+
+_GET_PROGRAM = compiled(sa.select(*_PROGRAM_COLUMNS).where(programs.c.id == _PROGRAM_ID))
+
+
+_LOCK_PROGRAM = compiled(
+    sa.select(*_PROGRAM_COLUMNS).where(programs.c.id == _PROGRAM_ID).with_for_update()
+)
+
+
+# KEY SHARE, as the accounts' foreign key takes anyway: enrollments do not wait for each
+# other, but wait for an UpdateProgram (FOR UPDATE) and then see what it committed.
+SHARE_PROGRAM = compiled(
+    sa.select(*_PROGRAM_COLUMNS)
+    .where(programs.c.id == _PROGRAM_ID)
+    .with_for_update(read=True, key_share=True)
+)
+
+
+_SAVE_PROGRAM = compiled(
+    sa.update(programs)
+    .where(programs.c.id == _PROGRAM_ID)
+    .values({c.name: bind(c) for c in _PROGRAM_COLUMNS if c.name not in ("id", "create_time")})
+)
+
+
+_PROGRAM_HAS_ACCOUNTS = compiled(
+    sa.select(
+        sa.exists().where(accounts.c.program_id == bind(accounts.c.program_id)).label("found")
+    )
+)
+
+
+def _program(row: Row) -> Program:
+    return Program(
+        id=row.id,
+        name=row.name,
+        currency=row.currency,
+        auto_enroll=row.auto_enroll,
+        tiers=[Tier(t["name"], int(t["lifetime_points"])) for t in row.tiers],
+        status=ProgramStatus(row.status),
+        create_time=row.create_time,
+        update_time=row.update_time,
+        earning_rules=from_json(list[EarningRule], row.earning_rules),
+    )
+
+
+def _program_params(program: Program) -> dict[str, object]:
+    return {
+        "id": program.id,
+        "name": program.name,
+        "currency": program.currency,
+        "auto_enroll": program.auto_enroll,
+        "tiers": Jsonb([to_json(tier) for tier in program.tiers]),
+        "status": program.status.value,
+        "create_time": program.create_time,
+        "update_time": program.update_time,
+        "earning_rules": Jsonb(to_json(program.earning_rules)),
+    }
+
+
+async def insert_program(conn: Conn, program: Program) -> bool:
+    """Inserts the program; False if one with its id exists (a racing insert of the same id
+    waits for the first to commit, and then gets False)."""
+    return await one(conn, _INSERT_PROGRAM, _program_params(program)) is not None
+
+
+async def get_program(conn: Conn, program_id: str) -> Program | None:
+    row = await one(conn, _GET_PROGRAM, {"id": program_id})
+    return _program(row) if row else None
+
+
+async def lock_program(conn: Conn, program_id: str) -> Program | None:
+    row = await one(conn, _LOCK_PROGRAM, {"id": program_id})
+    return _program(row) if row else None
+
+
+async def share_program(conn: Conn, program_id: str) -> Program | None:
+    """The program, held against UpdateProgram until this transaction ends (see
+    SHARE_PROGRAM)."""
+    row = await one(conn, SHARE_PROGRAM, {"id": program_id})
+    return _program(row) if row else None
+
+
+async def save_program(conn: Conn, program: Program) -> None:
+    await conn.execute(_SAVE_PROGRAM, _program_params(program))
+
+
+_INSERT_RULE_VERSIONS = compiled(
+    sa.text("""
+    INSERT INTO earning_rule_versions (rule_id, version, program_id, rule, create_time)
+    SELECT r.rule ->> 'id', CAST(r.rule ->> 'version' AS int), :program_id, r.rule, :create_time
+    FROM jsonb_array_elements(:rules) AS r(rule)
+    ON CONFLICT DO NOTHING
+    """)
+)
+
+
+_rule_version = earning_rule_versions.c
+
+
+_GET_RULE_VERSION = compiled(
+    sa.select(_rule_version.rule)
+    .where(_rule_version.rule_id == bind(_rule_version.rule_id))
+    .order_by(_rule_version.version.desc())
+    .limit(const(1))
+)
+
+
+_GET_RULE_VERSION_OF = compiled(
+    sa.select(_rule_version.rule).where(
+        _rule_version.rule_id == bind(_rule_version.rule_id),
+        _rule_version.version == bind(_rule_version.version),
+    )
+)
+
+
+async def save_rule_versions(
+    conn: Conn, program_id: str, rules: list[EarningRule], now: datetime
+) -> None:
+    """Keeps the rules' versions (those already kept stay as they were)."""
+    params = {"program_id": program_id, "rules": Jsonb(to_json(rules)), "create_time": now}
+    await conn.execute(_INSERT_RULE_VERSIONS, params)
+
+
+async def get_rule_version(conn: Conn, rule_id: str, version: int | None) -> EarningRule | None:
+    """A version of a rule, or its latest (also of a rule since removed) when None."""
+    if version is None:
+        row = await one(conn, _GET_RULE_VERSION, {"rule_id": rule_id})
+    else:
+        row = await one(conn, _GET_RULE_VERSION_OF, {"rule_id": rule_id, "version": version})
+    return from_json(EarningRule, row.rule) if row else None
+
+
+async def program_has_accounts(conn: Conn, program_id: str) -> bool:
+    row = await one(conn, _PROGRAM_HAS_ACCOUNTS, {"program_id": program_id})
+    assert row is not None
+    return bool(row.found)
+
+
+@functools.cache
+def _list_programs_sql(status: bool, after: bool) -> str:
+    statement = sa.select(*_PROGRAM_COLUMNS, programs.c.seq)
+    if status:
+        statement = statement.where(programs.c.status == bind(programs.c.status))
+    return compiled(keyset(statement, programs.c.seq, after))
+
+
+async def list_programs(
+    conn: Conn, status: ProgramStatus | None, after: int | None, limit: int
+) -> Page[Program]:
+    sql = _list_programs_sql(status is not None, after is not None)
+    params = {
+        "status": status.value if status else None,
+        "after": after,
+        "limit": limit + 1,
+    }
+    cursor = await conn.execute(sql, params)
+    return page_of(await cursor.fetchall(), limit, _program)

@@ -1,0 +1,216 @@
+"""The posting kernel: every change of an account's points goes through post_points.
+
+post_points locks each posting's account, refuses what its status and bounds forbid (saying
+why), updates the account's cached balance, lifetime points, tier and version, inserts the
+ledger row (counting a reversal on the transaction it reverses), remembers the request id
+and, as its last step, appends the postings' events to the log (log_events). The tier rule
+is tier_after; tests run one table of cases against it and domain tier_for, which merges
+and enrollments use. A later change of the kernel replaces these functions in a migration
+of its own.
+
+Revision ID: 0006
+Revises: 0005
+Create Date: 2026-12-03
+"""
+
+from alembic import op
+
+revision = "0006"
+down_revision = "0005"
+branch_labels = None
+depends_on = None
+
+# The tier an account holds once its lifetime points went from lifetime_before to
+# lifetime_after: the highest of the program's tiers (in their order) whose threshold they
+# reach, if it ranks above the held one. A held tier the program no longer has ranks below
+# all, and gives way only to a threshold above lifetime_before. Never a demotion.
+TIER_AFTER = """
+CREATE FUNCTION tier_after(tiers jsonb, held text, lifetime_before bigint, lifetime_after bigint)
+RETURNS text LANGUAGE sql IMMUTABLE AS $$
+    SELECT coalesce((
+        SELECT reached.tier ->> 'name'
+        FROM jsonb_array_elements(tiers) WITH ORDINALITY AS reached(tier, rank)
+        WHERE CAST(reached.tier ->> 'lifetime_points' AS bigint) <= lifetime_after
+          AND reached.rank > coalesce((
+              SELECT h.rank FROM jsonb_array_elements(tiers) WITH ORDINALITY AS h(tier, rank)
+              WHERE h.tier ->> 'name' = held), 0)
+          AND (held = ''
+               OR EXISTS (SELECT 1 FROM jsonb_array_elements(tiers) AS known(tier)
+                          WHERE known.tier ->> 'name' = held)
+               OR CAST(reached.tier ->> 'lifetime_points' AS bigint) > lifetime_before)
+        ORDER BY reached.rank DESC
+        LIMIT 1
+    ), held)
+$$
+"""
+
+# An account as the codec writes an Account (domain.codec): event snapshots and replies.
+ACCOUNT_JSON = """
+CREATE FUNCTION account_json(a accounts) RETURNS jsonb LANGUAGE sql STABLE AS $$
+    SELECT jsonb_build_object('id', a.id, 'program', a.program_id, 'customer', a.customer,
+        'status', a.status, 'balance', a.balance, 'lifetime_points', a.lifetime_points,
+        'tier', a.tier, 'metadata', a.metadata, 'create_time', a.create_time,
+        'update_time', a.update_time, 'merged_into', a.merged_into, 'version', a.version)
+$$
+"""
+
+# Appends events (a JSON array, in order) to the log. Positions come from event_log_head,
+# whose row lock the transaction then holds until it commits: positions become visible in
+# order, with no gaps. It serialises all writers' commits, so it is the last lock any
+# transaction takes and is held for the shortest time.
+LOG_EVENTS = """
+CREATE FUNCTION log_events(events jsonb) RETURNS void LANGUAGE sql AS $$
+    WITH head AS (
+        UPDATE event_log_head SET position = event_log_head.position + jsonb_array_length(events)
+        WHERE jsonb_array_length(events) > 0
+        RETURNING position
+    )
+    INSERT INTO events (position, id, type, create_time, program_id, account_id,
+        transaction_id, snapshot)
+    SELECT head.position - jsonb_array_length(events) + e.ord, e.event ->> 'id',
+        e.event ->> 'type', CAST(e.event ->> 'create_time' AS timestamptz),
+        e.event ->> 'program_id', e.event ->> 'account_id', e.event ->> 'transaction_id',
+        nullif(e.event -> 'snapshot', 'null')
+    FROM head, jsonb_array_elements(events) WITH ORDINALITY AS e(event, ord)
+$$
+"""
+
+# postings: a JSON array of objects with the keys of store.postings.POSTING_KEYS, applied in
+# order (so several may change one account). wait: wait for each account's row lock; without
+# it a posting whose account another transaction holds is SKIPPED, so the call never waits
+# on a row lock. snapshots: return each posted account as after the posting. events: events
+# to log before the postings' own (an enrollment's account.created before its welcome
+# bonus).
+#
+# One row per posting, in order: `result` is POSTED, REPLAYED (its request key holds a
+# response: replay_*), SKIPPED, or why it was refused: ACCOUNT_NOT_FOUND, ACCOUNT_NOT_ACTIVE,
+# INSUFFICIENT_POINTS, BALANCE_LIMIT_EXCEEDED (then `account` is the account as it is). A
+# refused posting changes nothing; the caller decides whether the others stand.
+#
+# A request key that a concurrent transaction stored first fails the call (unique
+# violation): everything it did is undone with its statement.
+POST_POINTS = """
+CREATE FUNCTION post_points(postings jsonb, wait boolean, snapshots boolean, events jsonb)
+RETURNS TABLE (posting int, result text, points_after bigint, replay_fingerprint text,
+    replay_response jsonb, account jsonb)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    p record;
+    a accounts;
+    tier_before text;
+    held text;
+    tiers jsonb;
+    logged jsonb := events;
+BEGIN
+    FOR p IN
+        SELECT * FROM jsonb_to_recordset(postings) AS r(idx int, id text, account_id text,
+            type text, direction text, amount bigint, delta bigint, lifetime_delta bigint,
+            min_balance bigint, max_balance bigint, closed_ok boolean, reason text,
+            origin_kind text, origin_id text, reverses_id text, rule_id text,
+            rule_version int, metadata jsonb, create_time timestamptz, key text,
+            fingerprint text, event_id text)
+        ORDER BY r.idx
+    LOOP
+        posting := p.idx;
+        result := NULL;
+        points_after := NULL;
+        replay_fingerprint := NULL;
+        replay_response := NULL;
+        account := NULL;
+        IF wait THEN
+            SELECT * INTO a FROM accounts WHERE accounts.id = p.account_id FOR UPDATE;
+        ELSE
+            SELECT * INTO a FROM accounts WHERE accounts.id = p.account_id
+            FOR UPDATE SKIP LOCKED;
+        END IF;
+        IF NOT FOUND THEN
+            result := CASE WHEN wait THEN 'ACCOUNT_NOT_FOUND' ELSE 'SKIPPED' END;
+            RETURN NEXT;
+            CONTINUE;
+        END IF;
+        -- After the account's lock: a first attempt that held it has committed its key.
+        IF p.key IS NOT NULL THEN
+            SELECT k.fingerprint, k.response INTO replay_fingerprint, replay_response
+            FROM idempotency_keys AS k WHERE k.key = p.key;
+            IF FOUND THEN
+                result := 'REPLAYED';
+                RETURN NEXT;
+                CONTINUE;
+            END IF;
+        END IF;
+        IF a.status <> 'ACTIVE' AND NOT (p.closed_ok AND a.status = 'CLOSED') THEN
+            result := 'ACCOUNT_NOT_ACTIVE';
+        ELSIF a.balance + p.delta > p.max_balance THEN
+            result := 'BALANCE_LIMIT_EXCEEDED';
+        ELSIF a.balance + p.delta < p.min_balance THEN
+            result := 'INSUFFICIENT_POINTS';
+        END IF;
+        IF result IS NOT NULL THEN
+            account := account_json(a);
+            RETURN NEXT;
+            CONTINUE;
+        END IF;
+
+        tier_before := a.tier;
+        held := a.tier;
+        IF p.lifetime_delta > 0 THEN  -- only a rise of lifetime points moves the tier
+            SELECT programs.tiers INTO tiers FROM programs WHERE programs.id = a.program_id;
+            held := tier_after(tiers, a.tier, a.lifetime_points,
+                               a.lifetime_points + p.lifetime_delta);
+        END IF;
+        UPDATE accounts SET balance = accounts.balance + p.delta,
+            lifetime_points = accounts.lifetime_points + p.lifetime_delta, tier = held,
+            update_time = p.create_time, version = accounts.version + 1
+        WHERE accounts.id = a.id
+        RETURNING * INTO a;
+        INSERT INTO points_transactions (id, account_id, original_account_id, type, direction,
+            amount, points_after, reason, origin_kind, origin_id, reverses_id,
+            reversed_amount, metadata, create_time, rule_id, rule_version)
+        VALUES (p.id, a.id, NULL, p.type, p.direction, p.amount, a.balance, p.reason,
+            p.origin_kind, p.origin_id, p.reverses_id, 0, p.metadata, p.create_time,
+            p.rule_id, p.rule_version);
+        IF p.reverses_id IS NOT NULL THEN
+            UPDATE points_transactions
+            SET reversed_amount = points_transactions.reversed_amount + p.amount
+            WHERE points_transactions.id = p.reverses_id;
+        END IF;
+        IF p.key IS NOT NULL THEN
+            INSERT INTO idempotency_keys (key, fingerprint, response, create_time)
+            VALUES (p.key, p.fingerprint, to_jsonb(p.id), p.create_time);
+        END IF;
+
+        logged := logged || jsonb_build_array(jsonb_build_object('id', p.event_id,
+            'type', 'points_transaction.created', 'create_time', p.create_time,
+            'program_id', a.program_id, 'account_id', a.id, 'transaction_id', p.id));
+        IF a.tier <> tier_before THEN
+            -- Its id is drawn from the transaction event's (random) one: postings that
+            -- promote no one draw nothing.
+            logged := logged || jsonb_build_array(jsonb_build_object(
+                'id', 'evt_' || substr(md5(p.event_id || '.tier'), 1, 20),
+                'type', 'loyalty.account.tier_changed', 'create_time', p.create_time,
+                'program_id', a.program_id, 'account_id', a.id, 'snapshot', account_json(a)));
+        END IF;
+        result := 'POSTED';
+        points_after := a.balance;
+        IF snapshots THEN
+            account := account_json(a);
+        END IF;
+        RETURN NEXT;
+    END LOOP;
+    PERFORM log_events(logged);
+END
+$$
+"""
+
+
+def upgrade() -> None:
+    for statement in (TIER_AFTER, ACCOUNT_JSON, LOG_EVENTS, POST_POINTS):
+        op.execute(statement)
+
+
+def downgrade() -> None:
+    op.execute("DROP FUNCTION post_points(jsonb, boolean, boolean, jsonb)")
+    op.execute("DROP FUNCTION log_events(jsonb)")
+    op.execute("DROP FUNCTION account_json(accounts)")
+    op.execute("DROP FUNCTION tier_after(jsonb, text, bigint, bigint)")
