@@ -139,7 +139,8 @@ def pgbench_script(
     def earn(
         idx: str, id_: str, event: str, rule: programs_pb2.EarningRule, points: str
     ) -> dict[str, str]:
-        """A rule's EARN as store.postings.post sends it to the kernel (domain.payments.earn_postings)."""
+        """A rule's EARN as store.postings.post sends it to the kernel
+        (domain.payments.earn_postings)."""
         by_payment = rule.trigger == Rule.TRIGGER_PAYMENT_COMPLETED
         return {
             "idx": idx, "id": id_, "account_id": account, "type": "'EARN'",
@@ -171,7 +172,8 @@ def pgbench_script(
     earned_after_bonus = {**earned_first, "idx": "1"}
 
     def save_payment(transactions: list[tuple[dict[str, str], str]]) -> str:
-        """store.payments.SAVE_PAYMENT, with the response as domain.codec.to_json(PaymentResult) writes it."""
+        """store.payments.SAVE_PAYMENT, with the response as domain.codec.to_json(PaymentResult)
+        writes it."""
         payment = (
             f"jsonb_build_object('id', {payment_id}, 'program', {text(program.id)}, 'customer',"
             f" {customer_}, 'amount', :amount::bigint, 'currency', {text(CURRENCY)},"

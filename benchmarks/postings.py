@@ -2,8 +2,9 @@
 
 On one connection to a fresh embedded PostgreSQL with 10,000 accounts, posts 3,000 earns
 with request ids through the posting kernel (store.postings.post), alone and waiting for
-each account's lock, and in batches of 1, 4 and 16 distinct accounts without waiting, and prints the CPU that PostgreSQL's backend
-and this process spent per posting (docs/benchmarks.md, "Group commit").
+each account's lock, and in batches of 1, 4 and 16 distinct accounts without waiting, and
+prints the CPU that PostgreSQL's backend and this process spent per posting
+(docs/benchmarks.md, "Group commit").
 """
 
 from __future__ import annotations

@@ -16,12 +16,13 @@ import psycopg
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from . import db, errors, store, telemetry
-from .api import LoyaltyAccounts, LoyaltyEvents, LoyaltyPrograms, PointsLedger
+from . import db, store, telemetry
+from .api import LoyaltyAccounts, LoyaltyEvents, LoyaltyPrograms, PointsLedger, errors
+from .api.paging import PageTokens
+from .api.streams import EventEncoder
 from .config import Settings
-from .convert import EventEncoder, PageTokens
-from .events import EventFeed, FeedSettings
 from .ledger import Ledger
+from .ledger.feed import EventFeed, FeedSettings
 from .pb import (
     accounts_pb2,
     accounts_pb2_grpc,
@@ -285,7 +286,7 @@ def _add_servicer(
 ) -> None:
     """Registers a servicer as its generated add_*_to_server does, with its handlers guarded
     (_guarded) and, for our own services, streams that send the bytes their handlers yield
-    as they are (see convert.EventEncoder)."""
+    as they are (see api.streams.EventEncoder)."""
     found: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
 
     class Capture:

@@ -16,7 +16,8 @@ import grpc
 import psycopg
 import pytest
 
-from loyalty_service import convert, db, domain, store
+from loyalty_service import db, domain, store
+from loyalty_service.api import messages, streams
 from loyalty_service.config import Settings
 from loyalty_service.ledger import Ledger
 from loyalty_service.ledger.requests import system_clock
@@ -233,8 +234,10 @@ def test_a_commit_held_open_holds_back_later_ones_and_nothing_is_skipped(fresh):
         ) as conn:
             conn.row_factory = psycopg.rows.namedtuple_row
             async with conn.transaction():
-                new = domain.points.NewTransaction(held_account.id, domain.points.TransactionType.EARN,
-                                            domain.points.Direction.CREDIT, 7)  # fmt: skip
+                new = domain.points.NewTransaction(
+                    held_account.id, domain.points.TransactionType.EARN,
+                    domain.points.Direction.CREDIT, 7,
+                )  # fmt: skip
                 ptx = domain.points.to_post(new, system_clock())
                 change = domain.points.change(new.type, new.direction, new.amount)
                 (posted,) = await store.postings.post(
@@ -537,8 +540,8 @@ def test_stream_responses_built_from_encoded_events_are_the_messages():
     now = system_clock()
     account = domain.accounts.Account(
         id=domain.ids.new_id("loy_"), program="prog_default", customer="c", balance=5,
-        status=domain.accounts.AccountStatus.ACTIVE, lifetime_points=5, tier="", metadata={"a": "b"},
-        create_time=now, update_time=now, version=3,
+        status=domain.accounts.AccountStatus.ACTIVE, lifetime_points=5, tier="",
+        metadata={"a": "b"}, create_time=now, update_time=now, version=3,
     )  # fmt: skip
     ptx = domain.points.PointsTransaction(
         id=domain.ids.new_id("ptx_"), account=account.id, type=domain.points.TransactionType.EARN,
@@ -549,23 +552,23 @@ def test_stream_responses_built_from_encoded_events_are_the_messages():
         domain.events.account_event(domain.events.EventType.ACCOUNT_CREATED, account), position=1
     )
     posted = replace(domain.events.transaction_event(ptx, account.program), position=300)
-    encoder = convert.EventEncoder(capacity_bytes=1)
+    encoder = streams.EventEncoder(capacity_bytes=1)
 
     def response(events: list, position: int) -> bytes:
-        return convert.stream_response(encoder.events_fields(events), position)
+        return streams.stream_response(encoder.events_fields(events), position)
 
     for _ in range(2):  # the second time from the cache (or after eviction)
         assert accounts_pb2.SubscribeAccountEventsResponse.FromString(
             response([created], 1)
         ) == accounts_pb2.SubscribeAccountEventsResponse(
-            events=[convert.account_event_pb(created)], position=1
+            events=[messages.account_event_pb(created)], position=1
         )
         assert points_pb2.SubscribeTransactionEventsResponse.FromString(
             response([posted, posted], 2**40)
         ) == points_pb2.SubscribeTransactionEventsResponse(
-            events=[convert.transaction_event_pb(posted)] * 2, position=2**40
+            events=[messages.transaction_event_pb(posted)] * 2, position=2**40
         )
-    assert convert.stream_response([], 0) == b""
+    assert streams.stream_response([], 0) == b""
 
 
 def test_grpcurl_can_subscribe_and_list(fresh):

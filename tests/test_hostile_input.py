@@ -12,7 +12,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2
 from psycopg_pool import PoolTimeout
 
-from loyalty_service import errors
+from loyalty_service.api import errors
 from loyalty_service.domain.errors import FieldViolation, InvalidArgument
 from loyalty_service.pb import accounts_pb2, events_pb2, points_pb2, programs_pb2
 from tests.support import failure, unique

@@ -58,13 +58,20 @@ class PointsUseCases(UseCases):
     async def _post_batch(
         self, postings: list[store.postings.NewPosting]
     ) -> list[store.postings.Posted]:
+        # In request-key order: two batches racing on the same keys (from two replicas) then
+        # insert them in one order, and wait for each other rather than deadlock.
+        order = sorted(range(len(postings)), key=lambda i: (postings[i].request or ("",))[0])
         async with db.connection(self.pool) as conn:
             try:
-                return await store.postings.post(conn, postings, wait=False)
+                done = await store.postings.post(conn, [postings[i] for i in order], wait=False)
             except store.postings.NotTaken as error:
                 # Each posting goes again on its own, so that none can fail the others.
                 log.info("a batch of %d postings was refused: %s", len(postings), error)
                 return [store.postings.Posted(store.postings.SKIPPED)] * len(postings)
+        results = [done[0]] * len(postings)
+        for position, index in enumerate(order):
+            results[index] = done[position]
+        return results
 
     async def _post_alone(self, posting: store.postings.NewPosting) -> store.postings.Posted:
         async with db.connection(self.pool) as conn:

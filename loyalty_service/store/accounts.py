@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable
 from datetime import datetime
 
@@ -15,7 +14,7 @@ from ..db import account_merges, accounts, points_transactions
 from ..domain.accounts import Account, AccountFilter, AccountStatus
 from ..domain.ids import Page
 from .rows import ACCOUNT_COLUMNS, account_of, account_params
-from .sql import Conn, bind, compiled, const, keyset, one, page_of
+from .sql import Conn, bind, compiled, const, filtered_page, one
 
 ACTIVE_CUSTOMER_INDEX = "uq_accounts_active_customer"
 
@@ -167,36 +166,15 @@ async def save_account(conn: Conn, account: Account) -> None:
         raise
 
 
-@functools.cache
-def _list_accounts_sql(program: bool, customer: bool, status: bool, after: bool) -> str:
-    statement = sa.select(*ACCOUNT_COLUMNS, accounts.c.seq)
-    if program:
-        statement = statement.where(accounts.c.program_id == bind(accounts.c.program_id))
-    if customer:
-        statement = statement.where(accounts.c.customer == bind(accounts.c.customer))
-    if status:
-        statement = statement.where(accounts.c.status == bind(accounts.c.status))
-    return compiled(keyset(statement, accounts.c.seq, after))
-
-
 async def list_accounts(
     conn: Conn, where: AccountFilter, after: int | None, limit: int
 ) -> Page[Account]:
-    sql = _list_accounts_sql(
-        where.program is not None,
-        where.customer is not None,
-        where.status is not None,
-        after is not None,
-    )
-    params = {
+    filters = {
         "program_id": where.program,
         "customer": where.customer,
         "status": where.status.value if where.status else None,
-        "after": after,
-        "limit": limit + 1,
     }
-    cursor = await conn.execute(sql, params)
-    return page_of(await cursor.fetchall(), limit, account_of)
+    return await filtered_page(conn, accounts, ACCOUNT_COLUMNS, filters, after, limit, account_of)
 
 
 _LAST_TRANSACTION_SEQ = compiled(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -24,7 +23,7 @@ from ..domain.points import (
 from .events import EVENT_KEYS, event_rows
 from .requests import StoredResponse
 from .rows import TRANSACTION_COLUMNS, transaction_of
-from .sql import Conn, bind, compiled, keyset, one, page_of
+from .sql import Conn, compiled, filtered_page, one
 
 _TRANSACTION_ID = sa.bindparam("id", type_=sa.Text)
 
@@ -213,34 +212,13 @@ async def lock_transactions(conn: Conn, transaction_ids: list[str]) -> list[Poin
     return [found[i] for i in transaction_ids]
 
 
-@functools.cache
-def _list_transactions_sql(account: bool, type_: bool, direction: bool, after: bool) -> str:
-    table = points_transactions
-    statement = sa.select(*TRANSACTION_COLUMNS, table.c.seq)
-    if account:
-        statement = statement.where(table.c.account_id == bind(table.c.account_id))
-    if type_:
-        statement = statement.where(table.c.type == bind(table.c.type))
-    if direction:
-        statement = statement.where(table.c.direction == bind(table.c.direction))
-    return compiled(keyset(statement, table.c.seq, after))
-
-
 async def list_transactions(
     conn: Conn, where: TransactionFilter, after: int | None, limit: int
 ) -> Page[PointsTransaction]:
-    sql = _list_transactions_sql(
-        where.account is not None,
-        where.type is not None,
-        where.direction is not None,
-        after is not None,
-    )
-    params = {
+    filters = {
         "account_id": where.account,
         "type": where.type.value if where.type else None,
         "direction": where.direction.value if where.direction else None,
-        "after": after,
-        "limit": limit + 1,
     }
-    cursor = await conn.execute(sql, params)
-    return page_of(await cursor.fetchall(), limit, transaction_of)
+    table, columns = points_transactions, TRANSACTION_COLUMNS
+    return await filtered_page(conn, table, columns, filters, after, limit, transaction_of)

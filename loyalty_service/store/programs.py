@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from datetime import datetime
 
 import sqlalchemy as sa
@@ -13,7 +12,7 @@ from ..db import accounts, earning_rule_versions, programs
 from ..domain.codec import from_json, to_json
 from ..domain.ids import Page
 from ..domain.programs import EarningRule, Program, ProgramStatus, Tier
-from .sql import Conn, Row, bind, compiled, const, keyset, one, page_of
+from .sql import Conn, Row, bind, compiled, const, filtered_page, one
 
 _PROGRAM_COLUMNS = [c for c in programs.c if c.name != "seq"]
 
@@ -167,22 +166,8 @@ async def program_has_accounts(conn: Conn, program_id: str) -> bool:
     return bool(row.found)
 
 
-@functools.cache
-def _list_programs_sql(status: bool, after: bool) -> str:
-    statement = sa.select(*_PROGRAM_COLUMNS, programs.c.seq)
-    if status:
-        statement = statement.where(programs.c.status == bind(programs.c.status))
-    return compiled(keyset(statement, programs.c.seq, after))
-
-
 async def list_programs(
     conn: Conn, status: ProgramStatus | None, after: int | None, limit: int
 ) -> Page[Program]:
-    sql = _list_programs_sql(status is not None, after is not None)
-    params = {
-        "status": status.value if status else None,
-        "after": after,
-        "limit": limit + 1,
-    }
-    cursor = await conn.execute(sql, params)
-    return page_of(await cursor.fetchall(), limit, _program)
+    filters = {"status": status.value if status else None}
+    return await filtered_page(conn, programs, _PROGRAM_COLUMNS, filters, after, limit, _program)

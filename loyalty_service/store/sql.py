@@ -6,6 +6,7 @@ call, and psycopg prepares each statement on the server after a few uses."""
 
 from __future__ import annotations
 
+import functools
 import typing
 
 import sqlalchemy as sa
@@ -45,14 +46,36 @@ async def one(conn: Conn, sql: str, params: dict[str, object]) -> Row | None:
     return await cursor.fetchone()
 
 
-def keyset(statement: sa.Select, seq: sa.Column, after: bool) -> sa.Select:
+@functools.cache
+def _filtered_page_sql(
+    table: sa.Table, columns: tuple[sa.Column, ...], filtered: tuple[str, ...], after: bool
+) -> str:
+    statement = sa.select(*columns, table.c.seq)
+    for name in filtered:
+        statement = statement.where(table.c[name] == bind(table.c[name]))
     # Newest first. One extra row (limit is page size + 1) tells whether a page follows.
     if after:
-        statement = statement.where(seq < sa.bindparam("after", type_=sa.BigInteger))
-    return statement.order_by(seq.desc()).limit(sa.bindparam("limit", type_=sa.Integer))
+        statement = statement.where(table.c.seq < sa.bindparam("after", type_=sa.BigInteger))
+    statement = statement.order_by(table.c.seq.desc())
+    return compiled(statement.limit(sa.bindparam("limit", type_=sa.Integer)))
 
 
-def page_of(rows: list[Row], limit: int, convert: typing.Callable[[Row], T]) -> Page[T]:
+async def filtered_page(
+    conn: Conn,
+    table: sa.Table,
+    columns: list[sa.Column],
+    filters: dict[str, object],
+    after: int | None,
+    limit: int,
+    convert: typing.Callable[[Row], T],
+) -> Page[T]:
+    """A page of `table`'s rows, newest first (by seq) after the keyset position `after`,
+    where each column named in `filters` equals its value; a filter of None is no filter.
+    One statement per combination of filters, compiled on first use."""
+    given = tuple(name for name, value in filters.items() if value is not None)
+    sql = _filtered_page_sql(table, tuple(columns), given, after is not None)
+    params = {**{name: filters[name] for name in given}, "after": after, "limit": limit + 1}
+    rows = await (await conn.execute(sql, params)).fetchall()
     items = rows[:limit]
     next_after = items[-1].seq if len(rows) > limit else None
     return Page([convert(row) for row in items], next_after, [row.seq for row in items])

@@ -20,14 +20,18 @@ down_revision = "0005"
 branch_labels = None
 depends_on = None
 
+# The functions are PL/pgSQL, whose statements' plans are kept for the session (a SQL
+# function called from another function is planned again at every call).
+#
 # The tier an account holds once its lifetime points went from lifetime_before to
 # lifetime_after: the highest of the program's tiers (in their order) whose threshold they
 # reach, if it ranks above the held one. A held tier the program no longer has ranks below
 # all, and gives way only to a threshold above lifetime_before. Never a demotion.
 TIER_AFTER = """
 CREATE FUNCTION tier_after(tiers jsonb, held text, lifetime_before bigint, lifetime_after bigint)
-RETURNS text LANGUAGE sql IMMUTABLE AS $$
-    SELECT coalesce((
+RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    RETURN coalesce((
         SELECT reached.tier ->> 'name'
         FROM jsonb_array_elements(tiers) WITH ORDINALITY AS reached(tier, rank)
         WHERE CAST(reached.tier ->> 'lifetime_points' AS bigint) <= lifetime_after
@@ -40,17 +44,20 @@ RETURNS text LANGUAGE sql IMMUTABLE AS $$
                OR CAST(reached.tier ->> 'lifetime_points' AS bigint) > lifetime_before)
         ORDER BY reached.rank DESC
         LIMIT 1
-    ), held)
+    ), held);
+END
 $$
 """
 
 # An account as the codec writes an Account (domain.codec): event snapshots and replies.
 ACCOUNT_JSON = """
-CREATE FUNCTION account_json(a accounts) RETURNS jsonb LANGUAGE sql STABLE AS $$
-    SELECT jsonb_build_object('id', a.id, 'program', a.program_id, 'customer', a.customer,
+CREATE FUNCTION account_json(a accounts) RETURNS jsonb LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN jsonb_build_object('id', a.id, 'program', a.program_id, 'customer', a.customer,
         'status', a.status, 'balance', a.balance, 'lifetime_points', a.lifetime_points,
         'tier', a.tier, 'metadata', a.metadata, 'create_time', a.create_time,
-        'update_time', a.update_time, 'merged_into', a.merged_into, 'version', a.version)
+        'update_time', a.update_time, 'merged_into', a.merged_into, 'version', a.version);
+END
 $$
 """
 
@@ -59,19 +66,23 @@ $$
 # order, with no gaps. It serialises all writers' commits, so it is the last lock any
 # transaction takes and is held for the shortest time.
 LOG_EVENTS = """
-CREATE FUNCTION log_events(events jsonb) RETURNS void LANGUAGE sql AS $$
-    WITH head AS (
-        UPDATE event_log_head SET position = event_log_head.position + jsonb_array_length(events)
-        WHERE jsonb_array_length(events) > 0
-        RETURNING position
-    )
+CREATE FUNCTION log_events(events jsonb) RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    n int := jsonb_array_length(events);
+    head bigint;
+BEGIN
+    IF n = 0 THEN
+        RETURN;
+    END IF;
+    UPDATE event_log_head SET position = event_log_head.position + n RETURNING position INTO head;
     INSERT INTO events (position, id, type, create_time, program_id, account_id,
         transaction_id, snapshot)
-    SELECT head.position - jsonb_array_length(events) + e.ord, e.event ->> 'id',
-        e.event ->> 'type', CAST(e.event ->> 'create_time' AS timestamptz),
-        e.event ->> 'program_id', e.event ->> 'account_id', e.event ->> 'transaction_id',
+    SELECT head - n + e.ord, e.event ->> 'id', e.event ->> 'type',
+        CAST(e.event ->> 'create_time' AS timestamptz), e.event ->> 'program_id',
+        e.event ->> 'account_id', e.event ->> 'transaction_id',
         nullif(e.event -> 'snapshot', 'null')
-    FROM head, jsonb_array_elements(events) WITH ORDINALITY AS e(event, ord)
+    FROM jsonb_array_elements(events) WITH ORDINALITY AS e(event, ord);
+END
 $$
 """
 
@@ -98,11 +109,40 @@ LANGUAGE plpgsql AS $$
 DECLARE
     p record;
     a accounts;
-    tier_before text;
-    held text;
-    tiers jsonb;
+    locked jsonb;  -- the accounts locked: id -> true
+    priors jsonb := '{}';  -- request key -> [fingerprint, response]
+    tiers_of jsonb := '{}';  -- program id -> its tiers, read once per call
+    new_tier text;
+    promoted boolean;
+    reversals boolean := false;
+    keys boolean := false;
+    posted_idx int[] := '{}';
+    posted_after bigint[] := '{}';
     logged jsonb := events;
 BEGIN
+    -- Every account the call posts to, locked at once in id order (two calls that wait
+    -- lock in one order, never in a cycle); without `wait`, skipping those held elsewhere.
+    -- Found by id = ANY (ARRAY(...)): the primary key, whatever the planner guesses of a
+    -- set drawn from JSON.
+    IF wait THEN
+        SELECT coalesce(jsonb_object_agg(l.id, true), '{}') INTO locked FROM (
+            SELECT accounts.id FROM accounts
+            WHERE accounts.id = ANY (ARRAY(SELECT jsonb_array_elements(postings) ->> 'account_id'))
+            ORDER BY accounts.id FOR UPDATE) AS l;
+    ELSE
+        SELECT coalesce(jsonb_object_agg(l.id, true), '{}') INTO locked FROM (
+            SELECT accounts.id FROM accounts
+            WHERE accounts.id = ANY (ARRAY(SELECT jsonb_array_elements(postings) ->> 'account_id'))
+            ORDER BY accounts.id FOR UPDATE SKIP LOCKED) AS l;
+    END IF;
+    -- After the locks: a first attempt that held one has committed its request key.
+    IF jsonb_path_exists(postings, '$[*] ? (@.key != null)') THEN
+        SELECT coalesce(jsonb_object_agg(k.key, jsonb_build_array(k.fingerprint, k.response)),
+                        '{}') INTO priors
+        FROM idempotency_keys AS k
+        WHERE k.key = ANY (ARRAY(SELECT jsonb_array_elements(postings) ->> 'key'));
+    END IF;
+
     FOR p IN
         SELECT * FROM jsonb_to_recordset(postings) AS r(idx int, id text, account_id text,
             type text, direction text, amount bigint, delta bigint, lifetime_delta bigint,
@@ -118,27 +158,19 @@ BEGIN
         replay_fingerprint := NULL;
         replay_response := NULL;
         account := NULL;
-        IF wait THEN
-            SELECT * INTO a FROM accounts WHERE accounts.id = p.account_id FOR UPDATE;
-        ELSE
-            SELECT * INTO a FROM accounts WHERE accounts.id = p.account_id
-            FOR UPDATE SKIP LOCKED;
-        END IF;
-        IF NOT FOUND THEN
+        IF NOT locked ? p.account_id THEN
             result := CASE WHEN wait THEN 'ACCOUNT_NOT_FOUND' ELSE 'SKIPPED' END;
             RETURN NEXT;
             CONTINUE;
         END IF;
-        -- After the account's lock: a first attempt that held it has committed its key.
-        IF p.key IS NOT NULL THEN
-            SELECT k.fingerprint, k.response INTO replay_fingerprint, replay_response
-            FROM idempotency_keys AS k WHERE k.key = p.key;
-            IF FOUND THEN
-                result := 'REPLAYED';
-                RETURN NEXT;
-                CONTINUE;
-            END IF;
+        IF p.key IS NOT NULL AND priors ? p.key THEN
+            result := 'REPLAYED';
+            replay_fingerprint := priors -> p.key ->> 0;
+            replay_response := priors -> p.key -> 1;
+            RETURN NEXT;
+            CONTINUE;
         END IF;
+        SELECT * INTO a FROM accounts WHERE accounts.id = p.account_id;  -- locked above
         IF a.status <> 'ACTIVE' AND NOT (p.closed_ok AND a.status = 'CLOSED') THEN
             result := 'ACCOUNT_NOT_ACTIVE';
         ELSIF a.balance + p.delta > p.max_balance THEN
@@ -152,44 +184,40 @@ BEGIN
             CONTINUE;
         END IF;
 
-        tier_before := a.tier;
-        held := a.tier;
+        new_tier := a.tier;
         IF p.lifetime_delta > 0 THEN  -- only a rise of lifetime points moves the tier
-            SELECT programs.tiers INTO tiers FROM programs WHERE programs.id = a.program_id;
-            held := tier_after(tiers, a.tier, a.lifetime_points,
-                               a.lifetime_points + p.lifetime_delta);
+            IF NOT tiers_of ? a.program_id THEN
+                tiers_of := tiers_of || jsonb_build_object(a.program_id,
+                    (SELECT programs.tiers FROM programs WHERE programs.id = a.program_id));
+            END IF;
+            new_tier := tier_after(tiers_of -> a.program_id, a.tier, a.lifetime_points,
+                                   a.lifetime_points + p.lifetime_delta);
         END IF;
-        UPDATE accounts SET balance = accounts.balance + p.delta,
-            lifetime_points = accounts.lifetime_points + p.lifetime_delta, tier = held,
-            update_time = p.create_time, version = accounts.version + 1
-        WHERE accounts.id = a.id
-        RETURNING * INTO a;
-        INSERT INTO points_transactions (id, account_id, original_account_id, type, direction,
-            amount, points_after, reason, origin_kind, origin_id, reverses_id,
-            reversed_amount, metadata, create_time, rule_id, rule_version)
-        VALUES (p.id, a.id, NULL, p.type, p.direction, p.amount, a.balance, p.reason,
-            p.origin_kind, p.origin_id, p.reverses_id, 0, p.metadata, p.create_time,
-            p.rule_id, p.rule_version);
-        IF p.reverses_id IS NOT NULL THEN
-            UPDATE points_transactions
-            SET reversed_amount = points_transactions.reversed_amount + p.amount
-            WHERE points_transactions.id = p.reverses_id;
-        END IF;
-        IF p.key IS NOT NULL THEN
-            INSERT INTO idempotency_keys (key, fingerprint, response, create_time)
-            VALUES (p.key, p.fingerprint, to_jsonb(p.id), p.create_time);
-        END IF;
+        UPDATE accounts SET balance = a.balance + p.delta,
+            lifetime_points = a.lifetime_points + p.lifetime_delta, tier = new_tier,
+            update_time = p.create_time, version = a.version + 1
+        WHERE accounts.id = a.id;
+        posted_idx := posted_idx || p.idx;
+        posted_after := posted_after || (a.balance + p.delta);
+        reversals := reversals OR p.reverses_id IS NOT NULL;
+        keys := keys OR p.key IS NOT NULL;
 
-        logged := logged || jsonb_build_array(jsonb_build_object('id', p.event_id,
+        logged := logged || jsonb_build_object('id', p.event_id,
             'type', 'points_transaction.created', 'create_time', p.create_time,
-            'program_id', a.program_id, 'account_id', a.id, 'transaction_id', p.id));
-        IF a.tier <> tier_before THEN
+            'program_id', a.program_id, 'account_id', a.id, 'transaction_id', p.id);
+        promoted := new_tier <> a.tier;
+        a.balance := a.balance + p.delta;
+        a.lifetime_points := a.lifetime_points + p.lifetime_delta;
+        a.tier := new_tier;
+        a.update_time := p.create_time;
+        a.version := a.version + 1;
+        IF promoted THEN
             -- Its id is drawn from the transaction event's (random) one: postings that
             -- promote no one draw nothing.
-            logged := logged || jsonb_build_array(jsonb_build_object(
+            logged := logged || jsonb_build_object(
                 'id', 'evt_' || substr(md5(p.event_id || '.tier'), 1, 20),
                 'type', 'loyalty.account.tier_changed', 'create_time', p.create_time,
-                'program_id', a.program_id, 'account_id', a.id, 'snapshot', account_json(a)));
+                'program_id', a.program_id, 'account_id', a.id, 'snapshot', account_json(a));
         END IF;
         result := 'POSTED';
         points_after := a.balance;
@@ -198,6 +226,42 @@ BEGIN
         END IF;
         RETURN NEXT;
     END LOOP;
+
+    IF cardinality(posted_idx) > 0 THEN
+        -- The ledger rows, the reversals' counts and the request keys: one statement
+        -- each for the whole call.
+        INSERT INTO points_transactions (id, account_id, original_account_id, type, direction,
+            amount, points_after, reason, origin_kind, origin_id, reverses_id,
+            reversed_amount, metadata, create_time, rule_id, rule_version)
+        SELECT r.id, r.account_id, NULL, r.type, r.direction, r.amount, d.points_after,
+            r.reason, r.origin_kind, r.origin_id, r.reverses_id, 0, r.metadata,
+            r.create_time, r.rule_id, r.rule_version
+        FROM jsonb_to_recordset(postings) AS r(idx int, id text, account_id text, type text,
+                direction text, amount bigint, reason text, origin_kind text, origin_id text,
+                reverses_id text, rule_id text, rule_version int, metadata jsonb,
+                create_time timestamptz)
+            JOIN unnest(posted_idx, posted_after) AS d(idx, points_after) USING (idx)
+        ORDER BY r.idx;
+    END IF;
+    IF reversals THEN
+        UPDATE points_transactions
+        SET reversed_amount = points_transactions.reversed_amount + r.total
+        FROM (SELECT r.reverses_id, sum(r.amount) AS total
+              FROM jsonb_to_recordset(postings) AS r(idx int, reverses_id text, amount bigint)
+              WHERE r.reverses_id IS NOT NULL AND r.idx = ANY (posted_idx)
+              GROUP BY r.reverses_id) AS r
+        WHERE points_transactions.id = r.reverses_id;
+    END IF;
+    IF keys THEN
+        -- In key order: two calls racing on the same keys wait for each other, not in a
+        -- cycle.
+        INSERT INTO idempotency_keys (key, fingerprint, response, create_time)
+        SELECT r.key, r.fingerprint, to_jsonb(r.id), r.create_time
+        FROM jsonb_to_recordset(postings) AS r(idx int, id text, key text, fingerprint text,
+            create_time timestamptz)
+        WHERE r.key IS NOT NULL AND r.idx = ANY (posted_idx)
+        ORDER BY r.key;
+    END IF;
     PERFORM log_events(logged);
 END
 $$

@@ -17,8 +17,8 @@ from psycopg import InterfaceError, OperationalError
 from psycopg.errors import QueryCanceled
 from psycopg_pool import PoolTimeout
 
-from . import db
-from .domain.errors import (
+from .. import db
+from ..domain.errors import (
     AccountAlreadyExists,
     CurrencyLocked,
     FailedPrecondition,

@@ -9,7 +9,7 @@ the feed has not passed yet, so that no event is missed or repeated at the seam.
 
 The feed never waits for a subscriber: each has a bounded buffer, and one that falls too far
 behind is ended (SubscriberTooSlow) and may resume from its last position. Events are
-encoded once, however many subscribers receive them (see convert.EventEncoder).
+encoded once, however many subscribers receive them (see api.streams.EventEncoder).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from . import db, domain, store
-from .domain.errors import LedgerError, ServerStopping, SubscriberTooSlow
-from .domain.events import Event, EventFilter
+from .. import db, domain, store
+from ..domain.errors import LedgerError, ServerStopping, SubscriberTooSlow
+from ..domain.events import Event, EventFilter
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,148 @@
+"""The LoyaltyAccounts servicer, and the parsing of its requests."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from .. import domain
+from ..ledger import Ledger
+from ..ledger.accounts import AccountChanges
+from ..ledger.feed import EventFeed
+from ..pb import accounts_pb2, accounts_pb2_grpc
+from . import messages, paging, parsing, streams
+from .errors import translated, translated_stream
+from .paging import PageTokens
+from .parsing import Violations
+
+Context = grpc.aio.ServicerContext
+
+_STATUS_FROM_PB = {v: k for k, v in messages.STATUS_TO_PB.items()}
+# The fields UpdateAccount may change (AIP-134 paths).
+ACCOUNT_PATHS = ("customer", "metadata")
+
+
+class LoyaltyAccounts(accounts_pb2_grpc.LoyaltyAccountsServicer):
+    def __init__(self, ledger: Ledger, tokens: PageTokens, feed: EventFeed) -> None:
+        self.ledger = ledger
+        self.tokens = tokens
+        self.feed = feed
+
+    @translated
+    async def CreateAccount(
+        self, request: accounts_pb2.CreateAccountRequest, context: Context
+    ) -> accounts_pb2.Account:
+        v = Violations()
+        program = v.id("program", request.program, domain.ids.PROGRAM_ID)
+        customer = parsing.customer(v, "customer", request.customer)
+        metadata = v.metadata("metadata", request.metadata)
+        v.request_id(request.request_id)
+        v.raise_if_any()
+        account = await self.ledger.create_account(program, customer, metadata, request.request_id)
+        return messages.account_pb(account)
+
+    @translated
+    async def GetAccount(
+        self, request: accounts_pb2.GetAccountRequest, context: Context
+    ) -> accounts_pb2.Account:
+        account_id = parsing.single_id("id", request.id, domain.ids.ACCOUNT_ID)
+        return messages.account_pb(await self.ledger.get_account(account_id))
+
+    @translated
+    async def UpdateAccount(
+        self, request: accounts_pb2.UpdateAccountRequest, context: Context
+    ) -> accounts_pb2.Account:
+        v = Violations()
+        account_id = v.id("account.id", request.account.id, domain.ids.ACCOUNT_ID)
+        paths = parsing.update_paths(v, request.update_mask.paths, ACCOUNT_PATHS)
+        if not paths:
+            # AIP-134: without a mask, update the fields that are set.
+            paths = {"customer"} if request.account.customer else set()
+            if request.account.metadata:
+                paths.add("metadata")
+        customer = parsing.customer(v, "account.customer", request.account.customer)
+        metadata = v.metadata("account.metadata", request.account.metadata)
+        v.request_id(request.request_id)
+        if not paths:
+            v.add("update_mask", "names nothing to update")
+        v.raise_if_any()
+        changes = AccountChanges(
+            customer=customer if "customer" in paths else None,
+            clear_customer="customer" in paths and customer is None,
+            metadata=metadata if "metadata" in paths else None,
+        )
+        account = await self.ledger.update_account(account_id, changes, request.request_id)
+        return messages.account_pb(account)
+
+    @translated
+    async def ListAccounts(
+        self, request: accounts_pb2.ListAccountsRequest, context: Context
+    ) -> accounts_pb2.ListAccountsResponse:
+        where = account_filter(request)
+        items, next_page_token = await paging.page(
+            self.tokens,
+            request,
+            "ListAccounts",
+            where,
+            self.ledger.list_accounts,
+            messages.account_pb,
+        )
+        return accounts_pb2.ListAccountsResponse(accounts=items, next_page_token=next_page_token)
+
+    @translated
+    async def CloseAccount(
+        self, request: accounts_pb2.CloseAccountRequest, context: Context
+    ) -> accounts_pb2.Account:
+        account_id = _id_and_request_id(request.id, request.request_id)
+        account = await self.ledger.close_account(account_id, request.request_id)
+        return messages.account_pb(account)
+
+    @translated
+    async def ReopenAccount(
+        self, request: accounts_pb2.ReopenAccountRequest, context: Context
+    ) -> accounts_pb2.Account:
+        account_id = _id_and_request_id(request.id, request.request_id)
+        account = await self.ledger.reopen_account(account_id, request.request_id)
+        return messages.account_pb(account)
+
+    @translated
+    async def MergeAccounts(
+        self, request: accounts_pb2.MergeAccountsRequest, context: Context
+    ) -> accounts_pb2.MergeAccountsResponse:
+        v = Violations()
+        source = v.id("source", request.source, domain.ids.ACCOUNT_ID)
+        target = v.id("target", request.target, domain.ids.ACCOUNT_ID)
+        v.request_id(request.request_id)
+        v.raise_if_any()
+        merged = await self.ledger.merge_accounts(source, target, request.request_id)
+        return accounts_pb2.MergeAccountsResponse(
+            target=messages.account_pb(merged.target), source=messages.account_pb(merged.source)
+        )
+
+    @translated_stream
+    async def SubscribeAccountEvents(
+        self, request: accounts_pb2.SubscribeAccountEventsRequest, context: Context
+    ) -> AsyncIterator[bytes]:
+        # Responses go out as bytes (see server._add_servicer): SubscribeAccountEventsResponse.
+        async for response in streams.subscribe(
+            self.feed, request, domain.events.ACCOUNT_EVENT_TYPES
+        ):
+            yield response
+
+
+def account_filter(request: accounts_pb2.ListAccountsRequest) -> domain.accounts.AccountFilter:
+    v = Violations()
+    program = v.id("program", request.program, domain.ids.PROGRAM_ID, required=False)
+    customer_ = parsing.customer(v, "customer", request.customer)
+    status = v.enum("status", request.status, _STATUS_FROM_PB, required=False)
+    v.raise_if_any()
+    return domain.accounts.AccountFilter(program=program or None, customer=customer_, status=status)
+
+
+def _id_and_request_id(account_id: str, request_id: str) -> str:
+    v = Violations()
+    v.id("id", account_id, domain.ids.ACCOUNT_ID)
+    v.request_id(request_id)
+    v.raise_if_any()
+    return account_id

@@ -1,0 +1,80 @@
+"""The LoyaltyEvents servicer, and the event filter of every event request."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grpc
+
+from .. import domain
+from ..domain.events import EventFilter, EventType
+from ..ledger import Ledger
+from ..pb import events_pb2, events_pb2_grpc
+from . import messages, paging
+from .errors import translated
+from .paging import PageTokens
+from .parsing import Violations
+
+Context = grpc.aio.ServicerContext
+
+
+class LoyaltyEvents(events_pb2_grpc.LoyaltyEventsServicer):
+    def __init__(self, ledger: Ledger, tokens: PageTokens) -> None:
+        self.ledger = ledger
+        self.tokens = tokens
+
+    @translated
+    async def ListEvents(
+        self, request: events_pb2.ListEventsRequest, context: Context
+    ) -> events_pb2.ListEventsResponse:
+        v = Violations()
+        where = event_filter(
+            v, request.program, request.account, request.types, frozenset(domain.events.EventType)
+        )
+        if request.after_position < 0:
+            v.add("after_position", "must not be negative")
+        v.raise_if_any()
+        limit = self.tokens.page_size(request.page_size)
+        types = sorted(where.types)
+        query = ["ListEvents", where.program, where.account, types, request.after_position]
+        after = self.tokens.decode(request.page_token, query)
+        # A page token, or an explicit position, must still have all of its events.
+        check = after is not None or request.after_position > 0
+        page = await self.ledger.list_events(
+            where, request.after_position if after is None else after, limit, check=check
+        )
+        events = paging.fit([messages.event_pb(e) for e in page.events])
+        if len(events) == len(page.events):
+            reached = page.reached
+        else:
+            reached = page.events[len(events) - 1].position
+        # A full page, or one cut short (by size, or by the read's window), has more after.
+        more = len(events) == limit or reached < page.head
+        return events_pb2.ListEventsResponse(
+            events=events,
+            next_page_token=self.tokens.encode(reached if more else None, query),
+            position=reached,
+        )
+
+
+def event_filter(
+    v: Violations, program: str, account: str, types: Sequence[str], allowed: frozenset[EventType]
+) -> EventFilter:
+    """The filters of a subscription or list; no types means all of `allowed`."""
+    program = v.id("program", program, domain.ids.PROGRAM_ID, required=False)
+    account = v.id("account", account, domain.ids.ACCOUNT_ID, required=False)
+    chosen = set()
+    v.at_most("types", types, MAX_TYPE_FILTERS, "entries")
+    for index, name in enumerate(types):
+        if name in allowed:
+            chosen.add(EventType(name))
+        else:
+            names = ", ".join(sorted(allowed))
+            v.add(f"types[{index}]", f"{name[:100]!r} is not one of: {names}")
+    return EventFilter(
+        types=frozenset(chosen) or allowed, program=program or None, account=account or None
+    )
+
+
+# Entries of an event filter's `types` (there are fewer event types: a longer list repeats).
+MAX_TYPE_FILTERS = 20

@@ -1,0 +1,222 @@
+"""The posting kernel (store.postings.post, SQL function post_points) on a real PostgreSQL,
+without gRPC: the tier rule it shares with domain.programs.tier_for, the reasons it refuses,
+postings in order on one account, reversals, and the events it logs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime
+
+import psycopg
+import pytest
+
+from loyalty_service import db, store
+from loyalty_service.db import libpq_url
+from loyalty_service.domain.accounts import AccountStatus
+from loyalty_service.domain.errors import (
+    AccountNotActive,
+    AccountNotFound,
+    BalanceLimitExceeded,
+    InsufficientPoints,
+)
+from loyalty_service.domain.events import EventFilter, EventType, account_event
+from loyalty_service.domain.ids import MAX_BALANCE
+from loyalty_service.domain.points import (
+    Direction,
+    NewTransaction,
+    OriginKind,
+    TransactionType,
+    change,
+    refusal,
+    reversal,
+    to_post,
+)
+from loyalty_service.domain.programs import NewProgram, Tier, tier_for
+from loyalty_service.ledger import Ledger
+from loyalty_service.ledger.checks import find_violations
+
+EARN, REDEEM = TransactionType.EARN, TransactionType.REDEEM
+CREDIT, DEBIT = Direction.CREDIT, Direction.DEBIT
+SILVER, GOLD, PLATINUM = Tier("silver", 100), Tier("gold", 500), Tier("platinum", 2000)
+
+# One table of cases for the tier rule, run against both of its homes: domain tier_for (merges,
+# the tier a new member will have) and SQL tier_after (every posting). Each case: the program's
+# tiers, the held tier, lifetime points before and after, the tier expected.
+TIER_CASES = [
+    ([], "", 0, 1000, ""),
+    ([SILVER, GOLD], "", 0, 99, ""),
+    ([SILVER, GOLD], "", 0, 100, "silver"),
+    ([SILVER, GOLD], "", 99, 100, "silver"),
+    ([SILVER, GOLD], "", 0, 499, "silver"),
+    ([SILVER, GOLD], "", 0, 500, "gold"),
+    ([SILVER, GOLD], "", 0, 10**15, "gold"),
+    ([SILVER, GOLD], "silver", 100, 499, "silver"),
+    ([SILVER, GOLD], "silver", 400, 600, "gold"),
+    ([SILVER, GOLD, PLATINUM], "silver", 100, 5000, "platinum"),
+    # Never a demotion: a held tier above what the points reach stays (thresholds raised).
+    ([SILVER, GOLD], "gold", 10, 20, "gold"),
+    ([Tier("silver", 1000), Tier("gold", 5000)], "gold", 600, 700, "gold"),
+    # A held tier the program no longer has gives way only to a threshold crossed now.
+    ([SILVER, GOLD], "bronze", 150, 200, "bronze"),
+    ([SILVER, GOLD], "bronze", 50, 200, "silver"),
+    ([SILVER, GOLD], "bronze", 150, 600, "gold"),
+    ([SILVER, GOLD], "bronze", 600, 700, "bronze"),
+    # A tier from 0 points: held from the start, and the next one is reached as usual.
+    ([Tier("member", 0), SILVER], "", 0, 0, "member"),
+    ([Tier("member", 0), SILVER], "member", 0, 150, "silver"),
+    # Equal thresholds: the later tier of the program ranks higher.
+    ([Tier("a", 100), Tier("b", 100)], "", 0, 100, "b"),
+    ([Tier("a", 100), Tier("b", 100)], "b", 100, 200, "b"),
+]
+
+
+@pytest.mark.parametrize(("tiers", "held", "before", "after", "expected"), TIER_CASES)
+def test_tier_for_follows_the_table(tiers, held, before, after, expected):
+    assert tier_for(before, after, tiers, held) == expected
+
+
+def test_tier_after_in_sql_follows_the_same_table(databases):
+    url = databases.create()
+    with psycopg.connect(libpq_url(url)) as conn:
+        for tiers, held, before, after, expected in TIER_CASES:
+            as_json = json.dumps(
+                [{"name": t.name, "lifetime_points": t.lifetime_points} for t in tiers]
+            )
+            (got,) = conn.execute(
+                "SELECT tier_after(%s::jsonb, %s, %s, %s)", [as_json, held, before, after]
+            ).fetchone()
+            assert got == expected, (tiers, held, before, after)
+
+
+# -- the kernel -----------------------------------------------------------------------------
+
+
+def run(url: str, scenario) -> None:
+    async def main() -> None:
+        async with db.create_pool(url, size=4) as pool:
+            await scenario(Ledger(pool))
+            assert await find_violations(pool) == []
+
+    asyncio.run(main())
+
+
+def posting(account: str, type_: TransactionType, direction: Direction, amount: int):
+    new = NewTransaction(account, type_, direction, amount)
+    return store.postings.NewPosting(
+        to_post(new, datetime.now(UTC)), change(type_, direction, amount)
+    )
+
+
+def test_postings_on_one_account_apply_in_order_and_refusals_say_why(databases):
+    """Several postings on one account in one call see each other's changes; a refused one
+    changes nothing and says why, with the account as the kernel found it."""
+    url = databases.create()
+
+    async def scenario(ledger: Ledger) -> None:
+        program = await ledger.create_program(None, NewProgram("Tiered", "EUR", tiers=[SILVER]))
+        account = (await ledger.create_account(program.id, None, {})).id
+        async with db.connection(ledger.pool) as conn:
+            done = await store.postings.post(
+                conn,
+                [
+                    posting(account, EARN, CREDIT, 60),
+                    posting(account, REDEEM, DEBIT, 70),  # 60 only: refused
+                    posting(account, EARN, CREDIT, 50),  # 110: silver
+                    posting(account, REDEEM, DEBIT, 110),
+                    posting(account, EARN, CREDIT, MAX_BALANCE + 1),  # over the limit
+                    posting("loy_" + "N" * 20, EARN, CREDIT, 1),
+                ],
+                snapshots=True,
+            )
+        assert [d.result for d in done] == [
+            "POSTED", "INSUFFICIENT_POINTS", "POSTED", "POSTED", "BALANCE_LIMIT_EXCEEDED",
+            "ACCOUNT_NOT_FOUND",
+        ]  # fmt: skip
+        assert [d.points_after for d in done] == [60, None, 110, 0, None, None]
+        refused = done[1].account
+        assert refused is not None and (refused.balance, refused.lifetime_points) == (60, 60)
+        after = done[3].account
+        assert after is not None
+        assert (after.balance, after.lifetime_points, after.tier, after.version) == (
+            0, 110, "silver", 4
+        )  # fmt: skip
+        assert after == await ledger.get_account(account)
+        # The reasons become the domain's errors, with the values the kernel saw.
+        error = refusal(done[1].result, account, refused, change(REDEEM, DEBIT, 70))
+        assert isinstance(error, InsufficientPoints)
+        assert error.metadata == {"balance": "60", "requested": "70"}
+        limit = refusal(done[4].result, account, done[4].account, change(EARN, CREDIT, 10))
+        assert isinstance(limit, BalanceLimitExceeded)
+        missing = refusal(done[5].result, "loy_" + "N" * 20, None, change(EARN, CREDIT, 1))
+        assert isinstance(missing, AccountNotFound)
+        # Each posted one logged its event, the promotion's right after the posting's.
+        page = await ledger.list_events(EventFilter(frozenset(EventType)), 0, 100, check=False)
+        logged = [(e.type, e.position) for e in page.events if e.account == account]
+        assert logged == [
+            (EventType.ACCOUNT_CREATED, 1), (EventType.TRANSACTION_CREATED, 2),
+            (EventType.TRANSACTION_CREATED, 3), (EventType.ACCOUNT_TIER_CHANGED, 4),
+            (EventType.TRANSACTION_CREATED, 5),
+        ]  # fmt: skip
+
+    run(url, scenario)
+
+
+def test_a_refunds_reversal_takes_a_closed_account_and_counts_itself(databases):
+    """A reversal is counted on the transaction it reverses; only a refund's is taken by a
+    CLOSED account, and a reversal may overdraw."""
+    url = databases.create()
+
+    async def scenario(ledger: Ledger) -> None:
+        account = (await ledger.create_account("prog_default", None, {})).id
+        earned = await ledger.create_transaction(NewTransaction(account, EARN, CREDIT, 50))
+        await ledger.create_transaction(NewTransaction(account, REDEEM, DEBIT, 40))
+        await ledger.close_account(account)
+        now = datetime.now(UTC)
+        origin = (OriginKind.REFUND, "ref_1")
+        by_hand = reversal(earned, 30, origin, "by hand", now, refund=False)
+        by_refund = reversal(earned, 30, origin, "refund", now, refund=True)
+        async with db.connection(ledger.pool) as conn:
+            new = [store.postings.NewPosting(*p) for p in (by_hand, by_refund)]
+            done = await store.postings.post(conn, new)
+            assert [d.result for d in done] == ["ACCOUNT_NOT_ACTIVE", "POSTED"]
+            assert done[0].account is not None
+            assert done[0].account.status is AccountStatus.CLOSED
+            assert isinstance(
+                refusal(done[0].result, account, done[0].account, by_hand[1]), AccountNotActive
+            )
+            assert done[1].points_after == -20  # 10 left, 30 taken back
+        reversed_ = await ledger.get_transaction(earned.id)
+        assert reversed_.reversed_amount == 30
+        account_after = await ledger.get_account(account)
+        assert (account_after.balance, account_after.lifetime_points) == (-20, 50)
+
+    run(url, scenario)
+
+
+def test_events_before_come_first_and_a_refusal_undoes_nothing_else(databases):
+    """The events a use case gives the kernel are logged before the postings' own, in the
+    same append; a call whose postings are all refused logs only those events."""
+    url = databases.create()
+
+    async def scenario(ledger: Ledger) -> None:
+        account = await ledger.create_account("prog_default", None, {})
+        updated = account_event(EventType.ACCOUNT_UPDATED, account)
+        async with db.connection(ledger.pool) as conn:
+            done = await store.postings.post(
+                conn, [posting(account.id, EARN, CREDIT, 5)], events_before=[updated]
+            )
+            assert done[0].points_after == 5
+            again = account_event(EventType.ACCOUNT_UPDATED, account)
+            refused = await store.postings.post(
+                conn, [posting(account.id, REDEEM, DEBIT, 6)], events_before=[again]
+            )
+            assert refused[0].result == "INSUFFICIENT_POINTS"
+        page = await ledger.list_events(EventFilter(frozenset(EventType)), 0, 100, check=False)
+        assert [e.type for e in page.events] == [
+            EventType.ACCOUNT_CREATED, EventType.ACCOUNT_UPDATED, EventType.TRANSACTION_CREATED,
+            EventType.ACCOUNT_UPDATED,
+        ]  # fmt: skip
+        assert [e.position for e in page.events] == [1, 2, 3, 4]
+
+    run(url, scenario)
