@@ -80,30 +80,30 @@ def requests(run: str, count: int, customers: int) -> Iterator[bytes]:
 def pgbench_script(
     program: programs_pb2.Program, customers: int, statement: Callable[[str, dict[str, str]], str]
 ) -> str:
-    """The statements the service runs for one RecordPayment (Ledger.record_payment), on the
-    baseline's program, as a pgbench script: one transaction, the same statements from
-    store.py in the same order, the same round trips (the service pipelines what needs no
-    answer, with the COMMIT). `statement(sql, params)` puts one on a line with pgbench
+    """The statements the service runs for one RecordPayment (PaymentUseCases.record_payment),
+    on the baseline's program, as a pgbench script: one transaction, the same statements
+    from store/ in the same order, the same round trips (the service pipelines what needs
+    no answer, with the COMMIT). `statement(sql, params)` puts one on a line with pgbench
     expressions for its parameters.
 
-    A customer's first payment runs 11 statements and the COMMIT in 6 round trips (the
-    program, the payment id, the account, no CLOSED or merged one, the new account, then the
-    welcome bonus, the earn, the payment's outcome and the events with the COMMIT); a later one 7
-    statements in 4 round trips.
+    A customer's first payment runs 7 statements and the COMMIT in 7 round trips (the
+    program, the payment id, the account, no CLOSED or merged one, the new account, the
+    posting kernel's call with the welcome bonus, the earn and the account.created event,
+    then the payment's outcome with the COMMIT); a later one 5 statements in 5 round trips.
 
     What the service works out in Python from the program and the locked account (the
-    points, balances, versions, the response and the events) is worked out here with
-    pgbench's \\set and SQL expressions over the same values. Where it differs:
+    points, the response) is worked out here with pgbench's \\set and SQL expressions over
+    the same values; the kernel works out the rest on both sides. Where it differs:
     - the account is found with \\aset (0 rows leave `acct_version` at 0) and the account
       insert also returns the columns the rest needs (RETURNING id, plus balance,
       lifetime_points, create_time, version): pgbench cannot test a text value;
     - a first payment that loses the race to enroll its customer (the insert finds the
       account a concurrent first payment just committed) makes the service roll back and
-      start again (ledger.requests.Moved); pgbench, which cannot, locks the account that won in
-      the same transaction and goes on (it then has claimed the payment once, not twice);
+      start again (ledger.requests.Moved); pgbench, which cannot, locks the account that won
+      in the same transaction and goes on (it then has claimed the payment once, not twice);
     - the stored response and the events are built in the statements (jsonb_build_object:
-      the same keys and values as domain.codec.to_json), where the service sends them as JSON
-      parameters; ids are md5-based (hex) rather than domain.ids.new_id's, the fingerprint is
+      the same keys and values as domain.codec.to_json), where the service sends them as
+      JSON parameters; ids are md5-based (hex) rather than domain.ids.new_id's, the fingerprint is
       a SHA-256 of the payment's random number, and occurred_at is now().
     """
     rules = {rule.trigger: rule for rule in program.earning_rules}

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import grpc
 
 from .. import domain
-from ..domain.events import EventFilter, EventType
 from ..ledger import Ledger
 from ..pb import events_pb2, events_pb2_grpc
-from . import messages, paging
+from . import messages, paging, parsing
 from .errors import translated
 from .paging import PageTokens
 from .parsing import Violations
@@ -28,7 +25,7 @@ class LoyaltyEvents(events_pb2_grpc.LoyaltyEventsServicer):
         self, request: events_pb2.ListEventsRequest, context: Context
     ) -> events_pb2.ListEventsResponse:
         v = Violations()
-        where = event_filter(
+        where = parsing.event_filter(
             v, request.program, request.account, request.types, frozenset(domain.events.EventType)
         )
         if request.after_position < 0:
@@ -55,26 +52,3 @@ class LoyaltyEvents(events_pb2_grpc.LoyaltyEventsServicer):
             next_page_token=self.tokens.encode(reached if more else None, query),
             position=reached,
         )
-
-
-def event_filter(
-    v: Violations, program: str, account: str, types: Sequence[str], allowed: frozenset[EventType]
-) -> EventFilter:
-    """The filters of a subscription or list; no types means all of `allowed`."""
-    program = v.id("program", program, domain.ids.PROGRAM_ID, required=False)
-    account = v.id("account", account, domain.ids.ACCOUNT_ID, required=False)
-    chosen = set()
-    v.at_most("types", types, MAX_TYPE_FILTERS, "entries")
-    for index, name in enumerate(types):
-        if name in allowed:
-            chosen.add(EventType(name))
-        else:
-            names = ", ".join(sorted(allowed))
-            v.add(f"types[{index}]", f"{name[:100]!r} is not one of: {names}")
-    return EventFilter(
-        types=frozenset(chosen) or allowed, program=program or None, account=account or None
-    )
-
-
-# Entries of an event filter's `types` (there are fewer event types: a longer list repeats).
-MAX_TYPE_FILTERS = 20

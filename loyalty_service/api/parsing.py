@@ -12,6 +12,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from .. import domain
 from ..domain.errors import FieldViolation, InvalidArgument
+from ..domain.events import EventFilter, EventType
 
 E = TypeVar("E")
 
@@ -145,3 +146,26 @@ def single_id(field_path: str, value: str, pattern: re.Pattern[str]) -> str:
     v.id(field_path, value, pattern)
     v.raise_if_any()
     return value
+
+
+def event_filter(
+    v: Violations, program: str, account: str, types: Sequence[str], allowed: frozenset[EventType]
+) -> EventFilter:
+    """The filters of a subscription or list; no types means all of `allowed`."""
+    program = v.id("program", program, domain.ids.PROGRAM_ID, required=False)
+    account = v.id("account", account, domain.ids.ACCOUNT_ID, required=False)
+    chosen = set()
+    v.at_most("types", types, MAX_TYPE_FILTERS, "entries")
+    for index, name in enumerate(types):
+        if name in allowed:
+            chosen.add(EventType(name))
+        else:
+            names = ", ".join(sorted(allowed))
+            v.add(f"types[{index}]", f"{name[:100]!r} is not one of: {names}")
+    return EventFilter(
+        types=frozenset(chosen) or allowed, program=program or None, account=account or None
+    )
+
+
+# Entries of an event filter's `types` (there are fewer event types: a longer list repeats).
+MAX_TYPE_FILTERS = 20

@@ -10,9 +10,8 @@ from ..domain.accounts import Account
 from ..domain.events import Event
 from ..ledger.feed import EventFeed
 from ..pb import accounts_pb2, points_pb2
-from .events import event_filter
 from .messages import account_event_pb, transaction_event_pb
-from .parsing import Violations
+from .parsing import Violations, event_filter
 
 
 async def subscribe(

@@ -145,8 +145,8 @@ def tier_for(lifetime_before: int, lifetime_points: int, tiers: list[Tier], curr
     tiers they reached. `current` ranks where it stands in `tiers` ("" below them all). A
     current tier the program no longer has (renamed or removed) cannot be ranked, so it is
     kept until the points cross a threshold: only a tier whose threshold lies above
-    `lifetime_before` replaces it. The posting statements in store.py implement the same
-    rule in SQL.
+    `lifetime_before` replaces it. The posting kernel has the same rule in SQL
+    (tier_after, migration 0006); tests/ledger/test_kernel.py runs one table against both.
     """
     names = [tier.name for tier in tiers]
     held = names.index(current) if current in names else -1

@@ -22,8 +22,8 @@ class Batches(Generic[Item, Result]):
     A call that finds nothing running starts a batch of its own at once, so an idle service
     answers as fast as without batching; under load one statement and one commit serve many
     calls, which is what lets two cores keep up (docs/benchmarks.md). One batch runs at a
-    time. `keys` names what may appear only once in a batch (for postings: the account and
-    the request key); a call whose keys are taken waits for a later batch. When
+    time. `keys` names what may appear only once in a batch (for postings: the request
+    key); a call whose keys are taken waits for a later batch. When
     `max_waiting` calls wait already, `submit` returns None and the caller goes alone, so
     the queue (and the work of forming a batch from it) stays bounded.
 

@@ -109,32 +109,39 @@ LANGUAGE plpgsql AS $$
 DECLARE
     p record;
     a accounts;
-    locked jsonb;  -- the accounts locked: id -> true
+    found_accounts accounts[];  -- the accounts locked, as the postings change them
+    at jsonb;  -- account id -> its index in found_accounts
+    i int;
     priors jsonb := '{}';  -- request key -> [fingerprint, response]
     tiers_of jsonb := '{}';  -- program id -> its tiers, read once per call
     new_tier text;
     promoted boolean;
-    reversals boolean := false;
-    keys boolean := false;
     posted_idx int[] := '{}';
     posted_after bigint[] := '{}';
+    reversals boolean := false;
+    keys boolean := false;
     logged jsonb := events;
 BEGIN
-    -- Every account the call posts to, locked at once in id order (two calls that wait
-    -- lock in one order, never in a cycle); without `wait`, skipping those held elsewhere.
-    -- Found by id = ANY (ARRAY(...)): the primary key, whatever the planner guesses of a
-    -- set drawn from JSON.
+    -- Read all, decide in order, write all: the accounts are read and locked in one
+    -- statement, the postings applied to them in memory, and the rows written in one
+    -- statement per table.
+    --
+    -- Locked in id order (two calls that wait lock in one order, never in a cycle); without
+    -- `wait`, skipping those held elsewhere. Found by id = ANY (ARRAY(...)): the primary
+    -- key, whatever the planner guesses of a set drawn from JSON.
     IF wait THEN
-        SELECT coalesce(jsonb_object_agg(l.id, true), '{}') INTO locked FROM (
-            SELECT accounts.id FROM accounts
+        SELECT coalesce(array_agg(l.row ORDER BY (l.row).id), '{}') INTO found_accounts FROM (
+            SELECT accounts AS row FROM accounts
             WHERE accounts.id = ANY (ARRAY(SELECT jsonb_array_elements(postings) ->> 'account_id'))
             ORDER BY accounts.id FOR UPDATE) AS l;
     ELSE
-        SELECT coalesce(jsonb_object_agg(l.id, true), '{}') INTO locked FROM (
-            SELECT accounts.id FROM accounts
+        SELECT coalesce(array_agg(l.row ORDER BY (l.row).id), '{}') INTO found_accounts FROM (
+            SELECT accounts AS row FROM accounts
             WHERE accounts.id = ANY (ARRAY(SELECT jsonb_array_elements(postings) ->> 'account_id'))
             ORDER BY accounts.id FOR UPDATE SKIP LOCKED) AS l;
     END IF;
+    SELECT coalesce(jsonb_object_agg(f.id, f.ordinality), '{}') INTO at
+    FROM unnest(found_accounts) WITH ORDINALITY AS f;
     -- After the locks: a first attempt that held one has committed its request key.
     IF jsonb_path_exists(postings, '$[*] ? (@.key != null)') THEN
         SELECT coalesce(jsonb_object_agg(k.key, jsonb_build_array(k.fingerprint, k.response)),
@@ -145,11 +152,9 @@ BEGIN
 
     FOR p IN
         SELECT * FROM jsonb_to_recordset(postings) AS r(idx int, id text, account_id text,
-            type text, direction text, amount bigint, delta bigint, lifetime_delta bigint,
-            min_balance bigint, max_balance bigint, closed_ok boolean, reason text,
-            origin_kind text, origin_id text, reverses_id text, rule_id text,
-            rule_version int, metadata jsonb, create_time timestamptz, key text,
-            fingerprint text, event_id text)
+            delta bigint, lifetime_delta bigint, min_balance bigint, max_balance bigint,
+            closed_ok boolean, reverses_id text, create_time timestamptz, key text,
+            event_id text)
         ORDER BY r.idx
     LOOP
         posting := p.idx;
@@ -158,7 +163,7 @@ BEGIN
         replay_fingerprint := NULL;
         replay_response := NULL;
         account := NULL;
-        IF NOT locked ? p.account_id THEN
+        IF NOT at ? p.account_id THEN
             result := CASE WHEN wait THEN 'ACCOUNT_NOT_FOUND' ELSE 'SKIPPED' END;
             RETURN NEXT;
             CONTINUE;
@@ -170,7 +175,8 @@ BEGIN
             RETURN NEXT;
             CONTINUE;
         END IF;
-        SELECT * INTO a FROM accounts WHERE accounts.id = p.account_id;  -- locked above
+        i := (at ->> p.account_id)::int;
+        a := found_accounts[i];
         IF a.status <> 'ACTIVE' AND NOT (p.closed_ok AND a.status = 'CLOSED') THEN
             result := 'ACCOUNT_NOT_ACTIVE';
         ELSIF a.balance + p.delta > p.max_balance THEN
@@ -193,24 +199,21 @@ BEGIN
             new_tier := tier_after(tiers_of -> a.program_id, a.tier, a.lifetime_points,
                                    a.lifetime_points + p.lifetime_delta);
         END IF;
-        UPDATE accounts SET balance = a.balance + p.delta,
-            lifetime_points = a.lifetime_points + p.lifetime_delta, tier = new_tier,
-            update_time = p.create_time, version = a.version + 1
-        WHERE accounts.id = a.id;
-        posted_idx := posted_idx || p.idx;
-        posted_after := posted_after || (a.balance + p.delta);
-        reversals := reversals OR p.reverses_id IS NOT NULL;
-        keys := keys OR p.key IS NOT NULL;
-
-        logged := logged || jsonb_build_object('id', p.event_id,
-            'type', 'points_transaction.created', 'create_time', p.create_time,
-            'program_id', a.program_id, 'account_id', a.id, 'transaction_id', p.id);
         promoted := new_tier <> a.tier;
         a.balance := a.balance + p.delta;
         a.lifetime_points := a.lifetime_points + p.lifetime_delta;
         a.tier := new_tier;
         a.update_time := p.create_time;
         a.version := a.version + 1;
+        found_accounts[i] := a;
+        posted_idx := posted_idx || p.idx;
+        posted_after := posted_after || a.balance;
+        reversals := reversals OR p.reverses_id IS NOT NULL;
+        keys := keys OR p.key IS NOT NULL;
+
+        logged := logged || jsonb_build_object('id', p.event_id,
+            'type', 'points_transaction.created', 'create_time', p.create_time,
+            'program_id', a.program_id, 'account_id', a.id, 'transaction_id', p.id);
         IF promoted THEN
             -- Its id is drawn from the transaction event's (random) one: postings that
             -- promote no one draw nothing.
@@ -228,8 +231,10 @@ BEGIN
     END LOOP;
 
     IF cardinality(posted_idx) > 0 THEN
-        -- The ledger rows, the reversals' counts and the request keys: one statement
-        -- each for the whole call.
+        UPDATE accounts SET balance = f.balance, lifetime_points = f.lifetime_points,
+            tier = f.tier, update_time = f.update_time, version = f.version
+        FROM unnest(found_accounts) AS f
+        WHERE accounts.id = f.id AND accounts.version <> f.version;
         INSERT INTO points_transactions (id, account_id, original_account_id, type, direction,
             amount, points_after, reason, origin_kind, origin_id, reverses_id,
             reversed_amount, metadata, create_time, rule_id, rule_version)
@@ -243,7 +248,7 @@ BEGIN
             JOIN unnest(posted_idx, posted_after) AS d(idx, points_after) USING (idx)
         ORDER BY r.idx;
     END IF;
-    IF reversals THEN
+    IF reversals THEN  -- each reversal counts itself on the transaction it reverses
         UPDATE points_transactions
         SET reversed_amount = points_transactions.reversed_amount + r.total
         FROM (SELECT r.reverses_id, sum(r.amount) AS total

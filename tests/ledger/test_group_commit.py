@@ -13,7 +13,7 @@ from loyalty_service.domain.errors import AccountNotActive, InsufficientPoints
 from loyalty_service.domain.points import Direction, NewTransaction, TransactionType
 from loyalty_service.ledger import Ledger
 from loyalty_service.ledger.batches import Batches
-from loyalty_service.ledger.checks import find_violations
+from tests.ledger.support import run
 
 EARN, REDEEM = TransactionType.EARN, TransactionType.REDEEM
 CREDIT, DEBIT = Direction.CREDIT, Direction.DEBIT
@@ -25,15 +25,6 @@ def earn(account: str, amount: int, **fields: object) -> NewTransaction:
 
 def redeem(account: str, amount: int) -> NewTransaction:
     return NewTransaction(account, REDEEM, DEBIT, amount)
-
-
-def run(url: str, scenario) -> None:
-    async def main() -> None:
-        async with db.create_pool(url, size=4) as pool:
-            await scenario(Ledger(pool))
-            assert await find_violations(pool) == []
-
-    asyncio.run(main())
 
 
 def batch_sizes(ledger: Ledger) -> list[int]:
@@ -84,7 +75,7 @@ def test_refusals_in_a_batch_are_reported_per_posting(databases):
             ledger.create_transaction(redeem(rich.id, 60)),
             ledger.create_transaction(redeem(poor.id, 1)),
             ledger.create_transaction(earn(closed.id, 3)),
-            ledger.create_transaction(redeem(rich.id, 60)),  # waits for the next batch
+            ledger.create_transaction(redeem(rich.id, 60)),  # after the first, in the same batch
             return_exceptions=True,
         )
         assert results[0].points_after == 40
@@ -92,7 +83,7 @@ def test_refusals_in_a_batch_are_reported_per_posting(databases):
         assert isinstance(results[2], AccountNotActive)
         assert isinstance(results[3], InsufficientPoints)
         assert results[3].metadata == {"balance": "40", "requested": "60"}
-        assert sizes == [3, 1], "one posting per account in a batch"
+        assert sizes == [4], "postings on one account share a batch, applied in order"
         assert await balances(ledger, rich.id, poor.id, closed.id) == [40, 0, 0]
 
     run(databases.create(), scenario)

@@ -3,9 +3,7 @@ the transaction that changes them, with a loyalty.account.tier_changed event."""
 
 from __future__ import annotations
 
-import asyncio
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
 from itertools import pairwise
 
 import psycopg
@@ -14,11 +12,7 @@ from alembic import command
 from alembic.config import Config
 from google.protobuf import field_mask_pb2
 
-from loyalty_service import db, domain, store
-from loyalty_service.domain.points import Direction, NewTransaction, TransactionType
-from loyalty_service.domain.programs import NewProgram
-from loyalty_service.ledger import Ledger
-from loyalty_service.ledger.checks import find_violations
+from loyalty_service import db
 from loyalty_service.pb import accounts_pb2, points_pb2, programs_pb2
 from tests.events_support import account_events, all_events, event_of
 from tests.support import ADJUST, CREDIT, EARN, REDEEM, get, post, unique
@@ -245,81 +239,6 @@ def test_concurrent_earns_cross_each_threshold_once(
     everything = [event_of(e).position for e in all_events(channel)]
     assert everything == list(range(everything[0], everything[0] + len(everything)))
     assert_invariants()
-
-
-# -- the posting kernel, on a real PostgreSQL ----------------------------------------------
-
-
-def test_the_kernel_promotes_and_logs_in_order(databases):
-    """store.postings.post, a posting alone (with and without a request id) and a batch, several on
-    one account among them: each promotion's event comes right after its transaction's,
-    the positions run on with no gap, and the snapshot reads back as the account."""
-    url = databases.create()
-
-    def posting(account: str, amount: int, key: str | None = None) -> store.postings.NewPosting:
-        new = NewTransaction(account, TransactionType.EARN, Direction.CREDIT, amount)
-        change = domain.points.change(new.type, new.direction, new.amount)
-        request = (key, "fp-" + key) if key else None
-        return store.postings.NewPosting(
-            domain.points.to_post(new, datetime.now(UTC)), change, request
-        )
-
-    async def scenario(ledger: Ledger) -> None:
-        tiers = [domain.programs.Tier("silver", 100), domain.programs.Tier("gold", 500)]
-        program = await ledger.create_program(None, NewProgram("Tiered", "EUR", tiers=tiers))
-        a, b, c, d, e = [(await ledger.create_account(program.id, None, {})).id for _ in range(5)]
-        async with db.connection(ledger.pool) as conn:
-
-            async def alone(posting: store.postings.NewPosting) -> store.postings.Posted:
-                (posted,) = await store.postings.post(conn, [posting])
-                return posted
-
-            assert (await alone(posting(a, 100))).points_after == 100
-            assert (await alone(posting(b, 99, "k-b"))).points_after == 99
-            assert (await alone(posting(b, 1, "k-b2"))).points_after == 100
-            # A replay of a promoting posting changes nothing and logs nothing.
-            replay = await alone(posting(b, 1, "k-b2"))
-            assert replay.points_after is None and replay.prior is not None
-            done = await store.postings.post(
-                conn,
-                [
-                    posting(c, 300, "k-c"),
-                    posting(d, 10),
-                    posting(c, 300),
-                    posting(e, 150),
-                    posting(a, 400, "k-a"),
-                ],
-                wait=False,
-            )
-            assert [p.points_after for p in done] == [300, 10, 600, 150, 500]
-        page = await ledger.list_events(
-            domain.events.EventFilter(frozenset(domain.events.EventType)), 0, 1000, check=False
-        )
-        logged = [x for x in page.events if x.type is not domain.events.EventType.ACCOUNT_CREATED]
-        assert [x.position for x in logged] == list(range(6, 6 + len(logged)))
-        tx, tier = (
-            domain.events.EventType.TRANSACTION_CREATED,
-            domain.events.EventType.ACCOUNT_TIER_CHANGED,
-        )
-        assert [(x.type, x.account) for x in logged] == [
-            (tx, a), (tier, a), (tx, b), (tx, b), (tier, b),
-            (tx, c), (tier, c), (tx, d), (tx, c), (tier, c), (tx, e), (tier, e),
-            (tx, a), (tier, a),
-        ]  # fmt: skip
-        snapshots = [x.snapshot for x in logged if x.type is tier]
-        assert [(s.id, s.tier, s.lifetime_points) for s in snapshots] == [  # type: ignore[union-attr]
-            (a, "silver", 100), (b, "silver", 100), (c, "silver", 300), (c, "gold", 600),
-            (e, "silver", 150), (a, "gold", 500),
-        ]  # fmt: skip
-        assert snapshots[-1] == await ledger.get_account(a)
-        assert len({x.id for x in logged}) == len(logged)
-
-    async def main() -> None:
-        async with db.create_pool(url, size=4) as pool:
-            await scenario(Ledger(pool))
-            assert await find_violations(pool) == []
-
-    asyncio.run(main())
 
 
 def test_migration_0004_admits_tier_changed_events_and_goes_down_again(databases):

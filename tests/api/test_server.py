@@ -292,7 +292,7 @@ def test_a_call_stuck_behind_a_row_lock_times_out_and_writes_nothing(
 
 
 def test_the_migrations_build_the_tables_the_code_declares(database_url):
-    """db.py's tables are what store.py compiles its SQL against; the migrations are what a
+    """db.py's tables are what store/ compiles its SQL against; the migrations are what a
     database really has. Any difference (a column, type, index or constraint) fails here."""
     engine = sa.create_engine(make_url(database_url).set(drivername="postgresql+psycopg"))
     try:

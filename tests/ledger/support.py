@@ -1,0 +1,21 @@
+"""Helpers for use-case tests: a ledger on a real PostgreSQL, without gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from loyalty_service import db
+from loyalty_service.ledger import Ledger
+from loyalty_service.ledger.checks import find_violations
+
+
+def run(url: str, scenario: Callable[[Ledger], Awaitable[None]]) -> None:
+    """Runs `scenario` on a ledger over a pool of its own, then checks the invariants."""
+
+    async def main() -> None:
+        async with db.create_pool(url, size=4) as pool:
+            await scenario(Ledger(pool))
+            assert await find_violations(pool) == []
+
+    asyncio.run(main())
