@@ -16,31 +16,21 @@ import psycopg
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from . import db, store, telemetry
+from . import db, pb, store, telemetry
 from .api import LoyaltyAccounts, LoyaltyEvents, LoyaltyPrograms, PointsLedger, errors
 from .api.paging import PageTokens
 from .api.streams import EventEncoder
 from .config import Settings
 from .ledger import Ledger
 from .ledger.feed import EventFeed, FeedSettings
-from .pb import (
-    accounts_pb2,
-    accounts_pb2_grpc,
-    events_pb2,
-    events_pb2_grpc,
-    points_pb2,
-    points_pb2_grpc,
-    programs_pb2,
-    programs_pb2_grpc,
-)
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAMES = (
-    accounts_pb2.DESCRIPTOR.services_by_name["LoyaltyAccounts"].full_name,
-    points_pb2.DESCRIPTOR.services_by_name["PointsLedger"].full_name,
-    events_pb2.DESCRIPTOR.services_by_name["LoyaltyEvents"].full_name,
-    programs_pb2.DESCRIPTOR.services_by_name["LoyaltyPrograms"].full_name,
+    pb.accounts_pb2.DESCRIPTOR.services_by_name["LoyaltyAccounts"].full_name,
+    pb.points_pb2.DESCRIPTOR.services_by_name["PointsLedger"].full_name,
+    pb.events_pb2.DESCRIPTOR.services_by_name["LoyaltyEvents"].full_name,
+    pb.programs_pb2.DESCRIPTOR.services_by_name["LoyaltyPrograms"].full_name,
 )
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -84,19 +74,19 @@ class LoyaltyServer:
             tokens = PageTokens(await store.settings.page_token_key(conn))
         servicers = [
             (
-                accounts_pb2_grpc.add_LoyaltyAccountsServicer_to_server,
+                pb.accounts_pb2_grpc.add_LoyaltyAccountsServicer_to_server,
                 LoyaltyAccounts(self.ledger, tokens, self.feed),
             ),
             (
-                points_pb2_grpc.add_PointsLedgerServicer_to_server,
+                pb.points_pb2_grpc.add_PointsLedgerServicer_to_server,
                 PointsLedger(self.ledger, tokens, self.feed),
             ),
             (
-                events_pb2_grpc.add_LoyaltyEventsServicer_to_server,
+                pb.events_pb2_grpc.add_LoyaltyEventsServicer_to_server,
                 LoyaltyEvents(self.ledger, tokens),
             ),
             (
-                programs_pb2_grpc.add_LoyaltyProgramsServicer_to_server,
+                pb.programs_pb2_grpc.add_LoyaltyProgramsServicer_to_server,
                 LoyaltyPrograms(self.ledger, tokens),
             ),
             (health_pb2_grpc.add_HealthServicer_to_server, self.health),

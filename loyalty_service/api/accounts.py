@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import grpc
 
@@ -23,11 +24,11 @@ _STATUS_FROM_PB = {v: k for k, v in messages.STATUS_TO_PB.items()}
 ACCOUNT_PATHS = ("customer", "metadata")
 
 
+@dataclass(frozen=True)
 class LoyaltyAccounts(accounts_pb2_grpc.LoyaltyAccountsServicer):
-    def __init__(self, ledger: Ledger, tokens: PageTokens, feed: EventFeed) -> None:
-        self.ledger = ledger
-        self.tokens = tokens
-        self.feed = feed
+    ledger: Ledger
+    tokens: PageTokens
+    feed: EventFeed
 
     @translated
     async def CreateAccount(

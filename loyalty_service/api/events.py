@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import grpc
 
 from .. import domain
@@ -15,10 +17,10 @@ from .parsing import Violations
 Context = grpc.aio.ServicerContext
 
 
+@dataclass(frozen=True)
 class LoyaltyEvents(events_pb2_grpc.LoyaltyEventsServicer):
-    def __init__(self, ledger: Ledger, tokens: PageTokens) -> None:
-        self.ledger = ledger
-        self.tokens = tokens
+    ledger: Ledger
+    tokens: PageTokens
 
     @translated
     async def ListEvents(

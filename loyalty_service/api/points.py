@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import grpc
 
@@ -26,11 +27,11 @@ _ORIGIN_FROM_PB = {v: k for k, v in messages.ORIGIN_TO_PB.items()}
 _RESERVED_ORIGINS = (OriginKind.MERGE, OriginKind.REFUND)
 
 
+@dataclass(frozen=True)
 class PointsLedger(points_pb2_grpc.PointsLedgerServicer):
-    def __init__(self, ledger: Ledger, tokens: PageTokens, feed: EventFeed) -> None:
-        self.ledger = ledger
-        self.tokens = tokens
-        self.feed = feed
+    ledger: Ledger
+    tokens: PageTokens
+    feed: EventFeed
 
     @translated
     async def CreatePointsTransaction(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import grpc
 
@@ -32,10 +32,10 @@ _TRIGGER_FROM_PB = {v: k for k, v in messages.TRIGGER_TO_PB.items()}
 PROGRAM_PATHS = ("name", "currency", "auto_enroll", "tiers", "earning_rules", "status")
 
 
+@dataclass(frozen=True)
 class LoyaltyPrograms(programs_pb2_grpc.LoyaltyProgramsServicer):
-    def __init__(self, ledger: Ledger, tokens: PageTokens) -> None:
-        self.ledger = ledger
-        self.tokens = tokens
+    ledger: Ledger
+    tokens: PageTokens
 
     @translated
     async def CreateProgram(

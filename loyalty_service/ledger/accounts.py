@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from .. import db, domain, store
+from .. import domain, store
 from ..domain.accounts import Account, AccountFilter, AccountStatus, MergeResult
 from ..domain.errors import AccountNotClosed, FieldViolation, InvalidArgument
 from ..domain.events import Event, EventType, account_event
@@ -52,17 +52,12 @@ class AccountUseCases(UseCases):
         return await self.run("CreateAccount", request_id, params, Account, work)
 
     async def get_account(self, account_id: str) -> Account:
-        async with db.connection(self.pool) as conn:
-            account = await store.accounts.get_account(conn, account_id)
-        if account is None:
-            raise account_not_found(account_id)
-        return account
+        return await self.found(store.accounts.get_account, account_id, account_not_found)
 
     async def list_accounts(
         self, where: AccountFilter, after: int | None, limit: int
     ) -> Page[Account]:
-        async with db.connection(self.pool) as conn:
-            return await store.accounts.list_accounts(conn, where, after, limit)
+        return await self.call(store.accounts.list_accounts, where, after, limit)
 
     async def update_account(
         self, account_id: str, changes: AccountChanges, request_id: str = ""

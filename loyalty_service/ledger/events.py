@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from .. import db, domain, store
+from .. import domain, store
 from ..domain.events import EventFilter
 from .requests import UseCases
 
@@ -15,20 +15,17 @@ class EventUseCases(UseCases):
     ) -> store.events.EventPage:
         """A page of events after a position; with `check`, OUT_OF_RANGE unless every event
         after it is still retained."""
-        async with db.connection(self.pool) as conn:
-            page = await store.events.events_page(conn, where, after, limit)
+        page = await self.call(store.events.events_page, where, after, limit)
         if check:
             domain.events.check_position(after, page.oldest, page.head)
         return page
 
     async def prune_events(self, keep: timedelta) -> int:
         """Deletes the events older than `keep`."""
-        async with db.connection(self.pool) as conn:
-            return await store.events.prune_events(conn, self.clock() - keep)
+        return await self.call(store.events.prune_events, self.clock() - keep)
 
     # -- housekeeping --------------------------------------------------------------------
 
     async def prune_request_ids(self, keep: timedelta) -> int:
         """Forgets request ids older than `keep`; their retries would run again."""
-        async with db.connection(self.pool) as conn:
-            return await store.requests.prune_request_keys(conn, self.clock() - keep)
+        return await self.call(store.requests.prune_request_keys, self.clock() - keep)

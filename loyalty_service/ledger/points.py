@@ -49,8 +49,7 @@ class PointsUseCases(UseCases):
         if posted.result == store.postings.REPLAYED:
             assert posted.prior is not None
             check_fingerprint(posted.prior, fingerprint, request_id_reused(request_id))
-            async with db.connection(self.pool) as conn:
-                first = await store.postings.get_transaction(conn, posted.prior.response)
+            first = await self.call(store.postings.get_transaction, posted.prior.response)
             assert first is not None  # transactions are never deleted
             return domain.points.as_posted(first)
         raise domain.points.refusal(posted.result, new.account, posted.account, change)
@@ -58,20 +57,13 @@ class PointsUseCases(UseCases):
     async def _post_batch(
         self, postings: list[store.postings.NewPosting]
     ) -> list[store.postings.Posted]:
-        # In request-key order: two batches racing on the same keys (from two replicas) then
-        # insert them in one order, and wait for each other rather than deadlock.
-        order = sorted(range(len(postings)), key=lambda i: (postings[i].request or ("",))[0])
         async with db.connection(self.pool) as conn:
             try:
-                done = await store.postings.post(conn, [postings[i] for i in order], wait=False)
+                return await store.postings.post(conn, postings, wait=False)
             except store.postings.NotTaken as error:
                 # Each posting goes again on its own, so that none can fail the others.
                 log.info("a batch of %d postings was refused: %s", len(postings), error)
                 return [store.postings.Posted(store.postings.SKIPPED)] * len(postings)
-        results = [done[0]] * len(postings)
-        for position, index in enumerate(order):
-            results[index] = done[position]
-        return results
 
     async def _post_alone(self, posting: store.postings.NewPosting) -> store.postings.Posted:
         async with db.connection(self.pool) as conn:
@@ -87,17 +79,13 @@ class PointsUseCases(UseCases):
         return posted
 
     async def get_transaction(self, transaction_id: str) -> PointsTransaction:
-        async with db.connection(self.pool) as conn:
-            ptx = await store.postings.get_transaction(conn, transaction_id)
-        if ptx is None:
-            raise transaction_not_found(transaction_id)
-        return ptx
+        get = store.postings.get_transaction
+        return await self.found(get, transaction_id, transaction_not_found)
 
     async def list_transactions(
         self, where: TransactionFilter, after: int | None, limit: int
     ) -> Page[PointsTransaction]:
-        async with db.connection(self.pool) as conn:
-            return await store.postings.list_transactions(conn, where, after, limit)
+        return await self.call(store.postings.list_transactions, where, after, limit)
 
     async def reverse_transaction(
         self, transaction_id: str, amount: int | None, reason: str, request_id: str = ""

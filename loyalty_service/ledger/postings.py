@@ -24,7 +24,10 @@ async def post(
         await store.events.append_events(conn, events_before or [])
         return [], None
     new = [store.postings.NewPosting(ptx, change) for ptx, change in postings]
-    done = await store.postings.post(conn, new, snapshots=True, events_before=events_before)
+    try:
+        done = await store.postings.post(conn, new, snapshots=True, events_before=events_before)
+    except store.postings.NotTaken as error:
+        raise error.error from None  # a use case posts without request keys: not a race of ours
     posted = []
     for (ptx, change), result in zip(postings, done, strict=True):
         if result.result != store.postings.POSTED:

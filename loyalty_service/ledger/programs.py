@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .. import db, domain, store
+from .. import domain, store
 from ..domain.errors import EarningRuleNotFound, ProgramAlreadyExists
 from ..domain.ids import Page
 from ..domain.programs import NewProgram, Program, ProgramChanges, ProgramStatus
@@ -45,18 +45,13 @@ class ProgramUseCases(UseCases):
         return await self.run("CreateProgram", request_id, params, Program, work)
 
     async def get_program(self, program_id: str) -> Program:
-        async with db.connection(self.pool) as conn:
-            program = await store.programs.get_program(conn, program_id)
-        if program is None:
-            raise program_not_found(program_id)
-        return program
+        return await self.found(store.programs.get_program, program_id, program_not_found)
 
     async def get_earning_rule(
         self, rule_id: str, version: int | None
     ) -> domain.programs.EarningRule:
         """A rule as it was at `version`, or as it is now (None), also after its removal."""
-        async with db.connection(self.pool) as conn:
-            rule = await store.programs.get_rule_version(conn, rule_id, version)
+        rule = await self.call(store.programs.get_rule_version, rule_id, version)
         if rule is None:
             raise EarningRuleNotFound(
                 f"earning rule {rule_id} has no version {version}"
@@ -70,8 +65,7 @@ class ProgramUseCases(UseCases):
     async def list_programs(
         self, status: ProgramStatus | None, after: int | None, limit: int
     ) -> Page[Program]:
-        async with db.connection(self.pool) as conn:
-            return await store.programs.list_programs(conn, status, after, limit)
+        return await self.call(store.programs.list_programs, status, after, limit)
 
     async def update_program(
         self, program_id: str, changes: ProgramChanges, request_id: str = ""

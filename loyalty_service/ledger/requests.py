@@ -16,6 +16,7 @@ from ..domain.errors import (
     AccountNotFound,
     FieldViolation,
     InvalidArgument,
+    LedgerError,
     ProgramNotFound,
     RequestIdReused,
     TransactionNotFound,
@@ -41,6 +42,24 @@ class UseCases:
 
     pool: AsyncConnectionPool
     clock: Clock
+
+    async def call(self, store_function: Callable[..., Awaitable[T]], *args: object) -> T:
+        """One store function on a connection of the pool: a read, or a write that is one
+        statement (autocommit)."""
+        async with db.connection(self.pool) as conn:
+            return await store_function(conn, *args)
+
+    async def found(
+        self,
+        store_function: Callable[[Conn, str], Awaitable[T | None]],
+        key: str,
+        missing: Callable[[str], LedgerError],
+    ) -> T:
+        """What `store_function` reads by `key`; `missing(key)` is raised if nothing."""
+        row = await self.call(store_function, key)
+        if row is None:
+            raise missing(key)
+        return row
 
     async def run(
         self,

@@ -151,11 +151,12 @@ async def post(
         "events": Jsonb(event_rows(events_before or [])),
     }
     try:
-        cursor = await conn.execute(_POST_POINTS, params)
+        # In pipeline mode the error may come with the rows: both are inside.
+        rows = await (await conn.execute(_POST_POINTS, params)).fetchall()
     except (pg_errors.IntegrityError, pg_errors.DataError, pg_errors.TransactionRollback) as error:
         raise NotTaken(error) from None
     done = []
-    for row in await cursor.fetchall():
+    for row in rows:
         prior = None
         if row.replay_fingerprint is not None:
             prior = StoredResponse(row.replay_fingerprint, row.replay_response)

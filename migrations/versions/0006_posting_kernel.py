@@ -163,15 +163,17 @@ BEGIN
         replay_fingerprint := NULL;
         replay_response := NULL;
         account := NULL;
-        IF NOT at ? p.account_id THEN
-            result := CASE WHEN wait THEN 'ACCOUNT_NOT_FOUND' ELSE 'SKIPPED' END;
-            RETURN NEXT;
-            CONTINUE;
-        END IF;
+        -- A stored response first: a retry is answered as the first attempt was, whatever
+        -- became of its account (priors holds committed keys only).
         IF p.key IS NOT NULL AND priors ? p.key THEN
             result := 'REPLAYED';
             replay_fingerprint := priors -> p.key ->> 0;
             replay_response := priors -> p.key -> 1;
+            RETURN NEXT;
+            CONTINUE;
+        END IF;
+        IF NOT at ? p.account_id THEN
+            result := CASE WHEN wait THEN 'ACCOUNT_NOT_FOUND' ELSE 'SKIPPED' END;
             RETURN NEXT;
             CONTINUE;
         END IF;

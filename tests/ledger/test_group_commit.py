@@ -230,3 +230,20 @@ async def _stored(ledger: Ledger, key: str):
 
     async with db.connection(ledger.pool) as conn:
         return await store.requests.stored_response(conn, key)
+
+
+def test_a_batch_applies_postings_in_the_order_they_came(databases):
+    """Postings on one account in one batch go in arrival order, whatever their request
+    ids: an earn then a redeem of what it earned both post."""
+
+    async def scenario(ledger: Ledger) -> None:
+        account = await ledger.create_account("prog_default", None, {})
+        sizes = batch_sizes(ledger)
+        earned, spent = await asyncio.gather(
+            ledger.create_transaction(earn(account.id, 100), "z-earn"),
+            ledger.create_transaction(redeem(account.id, 100), "a-redeem"),
+        )
+        assert sizes == [2]
+        assert (earned.points_after, spent.points_after) == (100, 0)
+
+    run(databases.create(), scenario)

@@ -18,6 +18,7 @@ from loyalty_service.domain.errors import (
     AccountNotFound,
     BalanceLimitExceeded,
     InsufficientPoints,
+    RequestIdReused,
 )
 from loyalty_service.domain.events import EventFilter, EventType, account_event
 from loyalty_service.domain.ids import MAX_BALANCE
@@ -277,3 +278,17 @@ def test_the_kernel_promotes_and_logs_in_order(databases):
         assert len({x.id for x in logged}) == len(logged)
 
     run(url, scenario)
+
+
+def test_a_request_id_reused_on_a_missing_account_is_reused_not_missing(databases):
+    """A stored response comes before the account's lookup: a request id sent again with
+    another (missing) account is REQUEST_ID_REUSED, not ACCOUNT_NOT_FOUND."""
+
+    async def scenario(ledger: Ledger) -> None:
+        account = await ledger.create_account("prog_default", None, {})
+        await ledger.create_transaction(NewTransaction(account.id, EARN, CREDIT, 5), "req-1")
+        missing = NewTransaction("loy_" + "M" * 20, EARN, CREDIT, 5)
+        with pytest.raises(RequestIdReused):
+            await ledger.create_transaction(missing, "req-1")
+
+    run(databases.create(), scenario)
