@@ -104,14 +104,9 @@ async def _settle(
         transactions: list[PointsTransaction] | None = None,
         enrolled: bool = False,
     ) -> PaymentResult:
+        # The payment as asked for (every field of NewPayment), and what came of it.
         payment = domain.payments.Payment(
-            id=new.id,
-            program=new.program,
-            customer=new.customer,
-            amount=new.amount,
-            currency=new.currency,
-            occurred_at=new.occurred_at,
-            metadata=new.metadata,
+            **vars(new),
             outcome=outcome,
             account=account.id if account else None,
             enrolled=enrolled,
