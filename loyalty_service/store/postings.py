@@ -79,7 +79,7 @@ class Posted:
 
     result: str
     points_after: int | None = None
-    # Refused: the account as it is. Posted, when snapshots were asked for: as after it.
+    # Refused: the account as it is. The last posting, posted, with snapshots: as after it.
     account: Account | None = None
     prior: StoredResponse | None = None
 
@@ -142,7 +142,8 @@ async def post(
 
     `wait`: wait for each account's row lock; without it, a posting whose account another
     transaction holds is SKIPPED, so the call never waits on a row lock (group commit).
-    `snapshots`: fill in `account` of each posted one, as after it. Raises NotTaken.
+    `snapshots`: fill in `account` of the last posting, if posted, as after it. Raises
+    NotTaken.
     """
     params = {
         "postings": Jsonb([_posting_row(idx, p) for idx, p in enumerate(postings)]),

@@ -86,10 +86,11 @@ END
 $$
 """
 
-# postings: a JSON array of objects with the keys of store.postings.POSTING_KEYS, applied in
-# order (so several may change one account). wait: wait for each account's row lock; without
-# it a posting whose account another transaction holds is SKIPPED, so the call never waits
-# on a row lock. snapshots: return each posted account as after the posting. events: events
+# postings: a JSON array of objects with the keys of store.postings.POSTING_KEYS (idx 0, 1,
+# ... in order), applied in order (so several may change one account). wait: wait for each
+# account's row lock; without it a posting whose account another transaction holds is
+# SKIPPED, so the call never waits on a row lock. snapshots: return the account of the last
+# posting, if it is posted, as after it (what a use case answers with). events: events
 # to log before the postings' own (an enrollment's account.created before its welcome
 # bonus).
 #
@@ -226,8 +227,8 @@ BEGIN
         END IF;
         result := 'POSTED';
         points_after := a.balance;
-        IF snapshots THEN
-            account := account_json(a);
+        IF snapshots AND p.idx = jsonb_array_length(postings) - 1 THEN
+            account := account_json(a);  -- idx runs 0, 1, ...: this is the last posting
         END IF;
         RETURN NEXT;
     END LOOP;
