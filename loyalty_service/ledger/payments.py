@@ -22,7 +22,7 @@ class PaymentUseCases(UseCases):
         payment id. Locks, in order: the program (KEY SHARE, against archiving and currency
         changes), the payment id (its row's insert: a replay waits for the first attempt),
         the customer's account (FOR UPDATE, or the unique index on a new one), the event
-        log's head (last, in append_events)."""
+        log's head (last, in the posting kernel)."""
         fingerprint = fingerprint_of(new)
         reused = PaymentIdReused(f"payment {new.id} was recorded with other fields", payment=new.id)
 

@@ -74,8 +74,8 @@ class UseCases:
         The request id is claimed first, in the same transaction as the change: a retry that
         races the first attempt waits for it and then replays its response. Only successful
         responses are kept; a request that failed may be retried with the same id. `work`
-        appends the change's events as its last step (store.events.append_events), so a replay
-        writes none.
+        logs the change's events as its last step (through the posting kernel, or
+        store.events.append_events when it posts no points), so a replay writes none.
         """
         # Without a request id there is nothing to remember (nor to fingerprint).
         key, fingerprint = request_key(method, request_id, params) if request_id else ("", "")

@@ -73,7 +73,8 @@ class NewPosting:
 @dataclass(frozen=True)
 class Posted:
     """What the kernel did with one posting: `result` is POSTED, REPLAYED (`prior` is the
-    response stored for its request id), SKIPPED (its account was locked elsewhere), or the
+    response stored for its request id), SKIPPED (without `wait`: its account was locked
+    elsewhere, or does not exist), or the
     reason it was refused (ACCOUNT_NOT_FOUND, ACCOUNT_NOT_ACTIVE, INSUFFICIENT_POINTS,
     BALANCE_LIMIT_EXCEEDED), when `account` is the account as it is."""
 

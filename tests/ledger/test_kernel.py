@@ -295,3 +295,34 @@ def test_a_request_id_reused_on_a_missing_account_is_reused_not_missing(database
             await ledger.create_transaction(missing, "req-1")
 
     run(databases.create(), scenario)
+
+
+def test_the_benchmarks_call_of_the_kernel_is_the_services(databases):
+    """store.postings.post_points_call (what the pgbench baseline runs) names every key the
+    service sends: the call built from one posting's values posts it as post() would."""
+    url = databases.create()
+
+    async def scenario(ledger: Ledger) -> None:
+        account = (await ledger.create_account("prog_default", None, {})).id
+        new = posting(account, EARN, CREDIT, 7)
+        sent = store.postings.post_points_call(
+            [
+                {
+                    "idx": "0", "id": f"'{new.ptx.id}'", "account_id": f"'{account}'",
+                    "type": "'EARN'", "direction": "'CREDIT'", "amount": "7", "delta": "7",
+                    "lifetime_delta": "7", "min_balance": str(new.change.min_balance),
+                    "max_balance": str(new.change.max_balance), "closed_ok": "false",
+                    "reason": "''", "origin_kind": "'MANUAL'", "origin_id": "''",
+                    "reverses_id": "NULL::text", "rule_id": "NULL::text",
+                    "rule_version": "NULL::int", "metadata": "'{}'::jsonb",
+                    "create_time": "now()", "key": "'k-bench'", "fingerprint": "'f'",
+                    "event_id": f"'{new.event_id}'",
+                }
+            ]
+        )  # fmt: skip
+        async with db.connection(ledger.pool) as conn:
+            row = await (await conn.execute(sent)).fetchone()
+        assert (row.result, row.points_after) == ("POSTED", 7)
+        assert (await ledger.get_transaction(new.ptx.id)).points_after == 7
+
+    run(url, scenario)
