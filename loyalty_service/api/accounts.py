@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -95,17 +95,13 @@ class LoyaltyAccounts(accounts_pb2_grpc.LoyaltyAccountsServicer):
     async def CloseAccount(
         self, request: accounts_pb2.CloseAccountRequest, context: Context
     ) -> accounts_pb2.Account:
-        account_id = _id_and_request_id(request.id, request.request_id)
-        account = await self.ledger.close_account(account_id, request.request_id)
-        return messages.account_pb(account)
+        return await _status_change(request, self.ledger.close_account)
 
     @translated
     async def ReopenAccount(
         self, request: accounts_pb2.ReopenAccountRequest, context: Context
     ) -> accounts_pb2.Account:
-        account_id = _id_and_request_id(request.id, request.request_id)
-        account = await self.ledger.reopen_account(account_id, request.request_id)
-        return messages.account_pb(account)
+        return await _status_change(request, self.ledger.reopen_account)
 
     @translated
     async def MergeAccounts(
@@ -141,9 +137,14 @@ def account_filter(request: accounts_pb2.ListAccountsRequest) -> domain.accounts
     return domain.accounts.AccountFilter(program=program or None, customer=customer_, status=status)
 
 
-def _id_and_request_id(account_id: str, request_id: str) -> str:
+async def _status_change(
+    request: accounts_pb2.CloseAccountRequest | accounts_pb2.ReopenAccountRequest,
+    change: Callable[[str, str], Awaitable[domain.accounts.Account]],
+) -> accounts_pb2.Account:
+    """CloseAccount and ReopenAccount: the same request (an id and a request id), and the
+    account after the `change`."""
     v = Violations()
-    v.id("id", account_id, domain.ids.ACCOUNT_ID)
-    v.request_id(request_id)
+    v.id("id", request.id, domain.ids.ACCOUNT_ID)
+    v.request_id(request.request_id)
     v.raise_if_any()
-    return account_id
+    return messages.account_pb(await change(request.id, request.request_id))

@@ -186,29 +186,33 @@ Handler = TypeVar("Handler", bound=Callable[..., Awaitable[object]])
 StreamHandler = TypeVar("StreamHandler", bound=Callable[..., AsyncIterator[object]])
 
 
+# Database failures a retry may get past: UNAVAILABLE, with RetryInfo. First match wins, and
+# QueryCanceled (a statement timeout) is an OperationalError, so it comes first.
+_DATABASE_FAILURES: list[tuple[tuple[type[Exception], ...], CountingLog, str, str]] = [
+    (
+        (QueryCanceled,),
+        TIMEOUT_LOG,
+        "the database did not answer in time; retry with the same request_id",
+        "DATABASE_TIMEOUT",
+    ),
+    (
+        (PoolTimeout, OperationalError, InterfaceError),
+        UNAVAILABLE_LOG,
+        "the database is unavailable; retry with the same request_id",
+        "DATABASE_UNAVAILABLE",
+    ),
+]
+
+
 def status_of(error: Exception, method: str) -> grpc.Status:
     """What a handler's exception becomes: domain errors by the table, an unreachable
     database UNAVAILABLE, anything else INTERNAL without details."""
     if isinstance(error, LedgerError):
         return to_status(error)
-    if isinstance(error, QueryCanceled):
-        TIMEOUT_LOG.record(method, error)
-        return _status(
-            grpc.StatusCode.UNAVAILABLE,
-            "the database did not answer in time; retry with the same request_id",
-            "DATABASE_TIMEOUT",
-            {},
-            retry=True,
-        )
-    if isinstance(error, PoolTimeout | OperationalError | InterfaceError):
-        UNAVAILABLE_LOG.record(method, error)
-        return _status(
-            grpc.StatusCode.UNAVAILABLE,
-            "the database is unavailable; retry with the same request_id",
-            "DATABASE_UNAVAILABLE",
-            {},
-            retry=True,
-        )
+    for kinds, counting_log, message, reason in _DATABASE_FAILURES:
+        if isinstance(error, kinds):
+            counting_log.record(method, error)
+            return _status(grpc.StatusCode.UNAVAILABLE, message, reason, {}, retry=True)
     log.error("unexpected error in %s", method, exc_info=error)
     return _status(grpc.StatusCode.INTERNAL, "internal error", "INTERNAL", {})
 

@@ -8,7 +8,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from ..domain.accounts import Account, AccountStatus
 from ..domain.events import Event
-from ..domain.payments import PaymentOutcome, PaymentResult, RefundResult
+from ..domain.payments import Payment, PaymentOutcome, PaymentResult, Refund, RefundResult
 from ..domain.points import Direction, OriginKind, PointsTransaction, TransactionType
 from ..domain.programs import EarningRule, Program, ProgramStatus, RuleTrigger
 from ..pb import accounts_pb2, events_pb2, points_pb2, programs_pb2
@@ -77,38 +77,44 @@ def rule_pb(rule: EarningRule) -> programs_pb2.EarningRule:
 
 
 def payment_result_pb(result: PaymentResult) -> points_pb2.RecordPaymentResponse:
-    payment = result.payment
-    return points_pb2.RecordPaymentResponse(
-        payment=points_pb2.Payment(
-            id=payment.id,
-            program=payment.program,
-            customer=payment.customer or "",
-            amount=payment.amount,
-            currency=payment.currency,
-            occurred_at=timestamp(payment.occurred_at),
-            metadata=payment.metadata,
-            outcome=_OUTCOME_TO_PB[payment.outcome],
-            account=payment.account or "",
-            enrolled=payment.enrolled,
-            create_time=timestamp(payment.create_time),
-        ),
-        points_transactions=[transaction_pb(ptx) for ptx in result.transactions],
-        account=account_pb(result.account) if result.account else None,
-    )
+    return points_pb2.RecordPaymentResponse(payment=payment_pb(result.payment), **_posted(result))
 
 
 def refund_result_pb(result: RefundResult) -> points_pb2.RecordRefundResponse:
-    refund = result.refund
-    return points_pb2.RecordRefundResponse(
-        refund=points_pb2.Refund(
-            id=refund.id,
-            payment_id=refund.payment_id,
-            amount=refund.amount,
-            refunded_amount=refund.refunded_amount,
-            create_time=timestamp(refund.create_time),
-        ),
-        points_transactions=[transaction_pb(ptx) for ptx in result.transactions],
-        account=account_pb(result.account) if result.account else None,
+    return points_pb2.RecordRefundResponse(refund=refund_pb(result.refund), **_posted(result))
+
+
+def _posted(result: PaymentResult | RefundResult) -> dict[str, object]:
+    """The fields RecordPaymentResponse and RecordRefundResponse share: what was posted."""
+    return {
+        "points_transactions": [transaction_pb(ptx) for ptx in result.transactions],
+        "account": account_pb(result.account) if result.account else None,
+    }
+
+
+def payment_pb(payment: Payment) -> points_pb2.Payment:
+    return points_pb2.Payment(
+        id=payment.id,
+        program=payment.program,
+        customer=payment.customer or "",
+        amount=payment.amount,
+        currency=payment.currency,
+        occurred_at=timestamp(payment.occurred_at),
+        metadata=payment.metadata,
+        outcome=_OUTCOME_TO_PB[payment.outcome],
+        account=payment.account or "",
+        enrolled=payment.enrolled,
+        create_time=timestamp(payment.create_time),
+    )
+
+
+def refund_pb(refund: Refund) -> points_pb2.Refund:
+    return points_pb2.Refund(
+        id=refund.id,
+        payment_id=refund.payment_id,
+        amount=refund.amount,
+        refunded_amount=refund.refunded_amount,
+        create_time=timestamp(refund.create_time),
     )
 
 

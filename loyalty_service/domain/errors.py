@@ -8,6 +8,13 @@ from dataclasses import dataclass
 class LedgerError(Exception):
     reason = "LEDGER_ERROR"
 
+    def __init_subclass__(cls, reason: str = "", **kwargs: object) -> None:
+        # The reason goes in the class line, `class X(Kind, reason="X")`, so the errors
+        # below read as one table of name, kind (its gRPC code) and reason.
+        super().__init_subclass__(**kwargs)
+        if reason:
+            cls.reason = reason
+
     def __init__(self, message: str, **metadata: object) -> None:
         super().__init__(message)
         self.message = message
@@ -25,9 +32,7 @@ class FieldViolation:
 MAX_VIOLATIONS = 8
 
 
-class InvalidArgument(LedgerError):
-    reason = "INVALID_ARGUMENT"
-
+class InvalidArgument(LedgerError, reason="INVALID_ARGUMENT"):
     def __init__(self, violations: list[FieldViolation], omitted: int = 0) -> None:
         shown = violations[:MAX_VIOLATIONS]
         omitted += len(violations) - len(shown)
@@ -40,131 +45,95 @@ class InvalidArgument(LedgerError):
         self.omitted = omitted
 
 
-class RequestIdReused(LedgerError):
-    reason = "REQUEST_ID_REUSED"
+class RequestIdReused(LedgerError, reason="REQUEST_ID_REUSED"): ...
 
 
-class NotFound(LedgerError):
-    pass
+class PaymentIdReused(RequestIdReused, reason="PAYMENT_ID_REUSED"): ...
 
 
-class ProgramNotFound(NotFound):
-    reason = "PROGRAM_NOT_FOUND"
+class RefundIdReused(RequestIdReused, reason="REFUND_ID_REUSED"): ...
 
 
-class AccountNotFound(NotFound):
-    reason = "ACCOUNT_NOT_FOUND"
+class NotFound(LedgerError): ...
 
 
-class TransactionNotFound(NotFound):
-    reason = "POINTS_TRANSACTION_NOT_FOUND"
+class ProgramNotFound(NotFound, reason="PROGRAM_NOT_FOUND"): ...
 
 
-class AccountAlreadyExists(LedgerError):
-    reason = "ACCOUNT_ALREADY_EXISTS"
+class AccountNotFound(NotFound, reason="ACCOUNT_NOT_FOUND"): ...
 
 
-class ProgramAlreadyExists(LedgerError):
-    reason = "PROGRAM_ALREADY_EXISTS"
+class TransactionNotFound(NotFound, reason="POINTS_TRANSACTION_NOT_FOUND"): ...
 
 
-class FailedPrecondition(LedgerError):
-    pass
+class EarningRuleNotFound(NotFound, reason="EARNING_RULE_NOT_FOUND"): ...
 
 
-class AccountNotActive(FailedPrecondition):
-    reason = "ACCOUNT_NOT_ACTIVE"
+class PaymentNotFound(NotFound, reason="PAYMENT_NOT_FOUND"): ...
 
 
-class AccountNotClosed(FailedPrecondition):
-    reason = "ACCOUNT_NOT_CLOSED"
+class AccountAlreadyExists(LedgerError, reason="ACCOUNT_ALREADY_EXISTS"): ...
 
 
-class InsufficientPoints(FailedPrecondition):
-    reason = "INSUFFICIENT_POINTS"
+class ProgramAlreadyExists(LedgerError, reason="PROGRAM_ALREADY_EXISTS"): ...
 
 
-class BalanceLimitExceeded(FailedPrecondition):
-    reason = "BALANCE_LIMIT_EXCEEDED"
+class FailedPrecondition(LedgerError): ...
 
 
-class AlreadyReversed(FailedPrecondition):
-    reason = "ALREADY_REVERSED"
+class AccountNotActive(FailedPrecondition, reason="ACCOUNT_NOT_ACTIVE"): ...
 
 
-class NotReversible(FailedPrecondition):
-    reason = "NOT_REVERSIBLE"
+class AccountNotClosed(FailedPrecondition, reason="ACCOUNT_NOT_CLOSED"): ...
 
 
-class ProgramMismatch(FailedPrecondition):
-    reason = "PROGRAM_MISMATCH"
+class InsufficientPoints(FailedPrecondition, reason="INSUFFICIENT_POINTS"): ...
 
 
-class ProgramNotActive(FailedPrecondition):
+class BalanceLimitExceeded(FailedPrecondition, reason="BALANCE_LIMIT_EXCEEDED"): ...
+
+
+class AlreadyReversed(FailedPrecondition, reason="ALREADY_REVERSED"): ...
+
+
+class NotReversible(FailedPrecondition, reason="NOT_REVERSIBLE"): ...
+
+
+class ProgramMismatch(FailedPrecondition, reason="PROGRAM_MISMATCH"): ...
+
+
+class ProgramNotActive(FailedPrecondition, reason="PROGRAM_NOT_ACTIVE"):
     """An ARCHIVED program takes no new accounts."""
 
-    reason = "PROGRAM_NOT_ACTIVE"
 
-
-class CurrencyLocked(FailedPrecondition):
+class CurrencyLocked(FailedPrecondition, reason="CURRENCY_LOCKED"):
     """A program's currency is fixed once it has an account."""
 
-    reason = "CURRENCY_LOCKED"
 
-
-class CurrencyMismatch(FailedPrecondition):
+class CurrencyMismatch(FailedPrecondition, reason="CURRENCY_MISMATCH"):
     """A payment in another currency than its program's."""
 
-    reason = "CURRENCY_MISMATCH"
 
-
-class PointsLimitExceeded(FailedPrecondition):
+class PointsLimitExceeded(FailedPrecondition, reason="POINTS_LIMIT_EXCEEDED"):
     """An earning rule would credit more points than one transaction may hold."""
 
-    reason = "POINTS_LIMIT_EXCEEDED"
+
+class RefundExceedsPayment(FailedPrecondition, reason="REFUND_EXCEEDS_PAYMENT"): ...
 
 
-class RefundExceedsPayment(FailedPrecondition):
-    reason = "REFUND_EXCEEDS_PAYMENT"
+class OutOfRange(LedgerError): ...
 
 
-class EarningRuleNotFound(NotFound):
-    reason = "EARNING_RULE_NOT_FOUND"
-
-
-class PaymentNotFound(NotFound):
-    reason = "PAYMENT_NOT_FOUND"
-
-
-class PaymentIdReused(RequestIdReused):
-    reason = "PAYMENT_ID_REUSED"
-
-
-class RefundIdReused(RequestIdReused):
-    reason = "REFUND_ID_REUSED"
-
-
-class OutOfRange(LedgerError):
-    pass
-
-
-class EventPositionExpired(OutOfRange):
+class EventPositionExpired(OutOfRange, reason="EVENT_POSITION_EXPIRED"):
     """The events after the position asked for are no longer retained: some were pruned."""
 
-    reason = "EVENT_POSITION_EXPIRED"
 
-
-class SubscriberTooSlow(LedgerError):
-    """A subscriber fell so far behind that the events waiting for it filled its buffer."""
-
-    reason = "SUBSCRIBER_TOO_SLOW"
-
-
-class ServerStopping(LedgerError):
-    reason = "SERVER_STOPPING"
-
-
-class EventPositionAhead(OutOfRange):
+class EventPositionAhead(OutOfRange, reason="EVENT_POSITION_AHEAD"):
     """The position asked for is past the newest event: it is not from this event log."""
 
-    reason = "EVENT_POSITION_AHEAD"
+
+class SubscriberTooSlow(LedgerError, reason="SUBSCRIBER_TOO_SLOW"):
+    """A subscriber fell so far behind that the events waiting for it filled its buffer."""
+
+
+class ServerStopping(LedgerError, reason="SERVER_STOPPING"): ...

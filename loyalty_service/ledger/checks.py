@@ -32,13 +32,7 @@ async def find_violations(pool: AsyncConnectionPool) -> list[str]:
 
 
 async def _violations(conn: Conn) -> list[str]:
-    found = [
-        *await store.checks.balance_violations(conn),
-        *await store.checks.reversal_violations(conn),
-        *await store.checks.refund_violations(conn),
-        *await store.checks.duplicate_active_customers(conn),
-        *await store.checks.merged_account_violations(conn),
-    ]
+    found = await store.checks.violations(conn)
     balances = await store.checks.account_balances(conn)
     chain_account, running = None, 0
     async for entry in store.checks.points_after_chains(conn):

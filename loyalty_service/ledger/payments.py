@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 
 from .. import domain, store
 from ..domain.accounts import Account, AccountStatus
-from ..domain.errors import PaymentIdReused, PaymentNotFound, RefundIdReused
+from ..domain.errors import LedgerError, PaymentIdReused, RefundIdReused, RequestIdReused
 from ..domain.payments import PaymentOutcome, PaymentResult, RefundResult
 from ..domain.points import OriginKind, PointsTransaction
 from ..domain.programs import Program, ProgramStatus
+from ..store.requests import StoredResponse
 from ..store.sql import Conn
 from .accounts import enroll
 from .postings import post
-from .requests import Moved, UseCases, fingerprint_of, program_not_found, replay
+from .requests import (
+    Moved,
+    UseCases,
+    fingerprint_of,
+    payment_not_found,
+    program_not_found,
+    replay,
+)
 
 
 class PaymentUseCases(UseCases):
@@ -29,10 +38,8 @@ class PaymentUseCases(UseCases):
         async def work(conn: Conn) -> PaymentResult:
             program = await store.programs.share_program(conn, new.program)
             if program is None:
-                # A recorded payment sent again with another program is that, not a typo.
-                if await store.payments.stored_payment(conn, new.id):
-                    raise reused
-                raise program_not_found(new.program)
+                missing = program_not_found(new.program)
+                raise await _reused_or(conn, store.payments.stored_payment, new.id, reused, missing)
             now = self.clock()
             stored = await store.payments.claim_payment(conn, new, fingerprint, now)
             if stored is not None:
@@ -65,12 +72,8 @@ class PaymentUseCases(UseCases):
         async def work(conn: Conn) -> RefundResult:
             payment = await store.payments.lock_payment(conn, new.payment_id)
             if payment is None:
-                # A recorded refund sent again with another payment is that, not a typo.
-                if await store.payments.stored_refund(conn, new.id):
-                    raise reused
-                raise PaymentNotFound(
-                    f"payment {new.payment_id} was never recorded", payment=new.payment_id
-                )
+                missing = payment_not_found(new.payment_id)
+                raise await _reused_or(conn, store.payments.stored_refund, new.id, reused, missing)
             now = self.clock()
             stored = await store.payments.claim_refund(conn, new, fingerprint, now)
             if stored is not None:
@@ -90,6 +93,19 @@ class PaymentUseCases(UseCases):
             return result
 
         return await self.run("RecordRefund", "", None, RefundResult, work)
+
+
+async def _reused_or(
+    conn: Conn,
+    stored: Callable[[Conn, str], Awaitable[StoredResponse | None]],
+    new_id: str,
+    reused: RequestIdReused,
+    missing: LedgerError,
+) -> LedgerError:
+    """What a payment whose program, or a refund whose payment, does not exist fails with:
+    `reused` if its id was recorded already (one sent again with another program or payment
+    is that, not a typo), else `missing`."""
+    return reused if await stored(conn, new_id) else missing
 
 
 async def _settle(

@@ -17,6 +17,7 @@ from ..domain.errors import (
     FieldViolation,
     InvalidArgument,
     LedgerError,
+    PaymentNotFound,
     ProgramNotFound,
     RequestIdReused,
     TransactionNotFound,
@@ -167,6 +168,10 @@ def replay(
 
 def program_not_found(program_id: str) -> ProgramNotFound:
     return ProgramNotFound(f"program {program_id} does not exist", program=program_id)
+
+
+def payment_not_found(payment_id: str) -> PaymentNotFound:
+    return PaymentNotFound(f"payment {payment_id} was never recorded", payment=payment_id)
 
 
 def account_not_found(account_id: str) -> AccountNotFound:

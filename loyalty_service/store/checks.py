@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import sqlalchemy as sa
 
@@ -62,21 +62,33 @@ _BALANCE_VIOLATIONS = compiled(
 )
 
 
+def _sum_violations(total: sa.Column, parent_id: sa.Column, amount: sa.Column, label: str) -> str:
+    """The rows whose `total` (a sum they keep) disagrees with the sum of `amount` over the
+    rows whose `parent_id` points at them; that sum comes back as `label`."""
+    parent = total.table
+    sums = (
+        sa.select(parent_id, sa.func.sum(amount).label(label))
+        .where(parent_id.is_not(None))
+        .group_by(parent_id)
+        .subquery()
+    )
+    return compiled(
+        sa.select(parent.c.id, total, sums.c[label])
+        .select_from(parent.outerjoin(sums, sums.c[parent_id.name] == parent.c.id))
+        .where(total != sa.func.coalesce(sums.c[label], const(0)))
+    )
+
+
 _reversal = _ptx.alias("reversal")
 
 
-_reversal_sums = (
-    sa.select(_reversal.c.reverses_id, sa.func.sum(_reversal.c.amount).label("reversed"))
-    .where(_reversal.c.reverses_id.is_not(None))
-    .group_by(_reversal.c.reverses_id)
-    .subquery()
+_REVERSAL_VIOLATIONS = _sum_violations(
+    _ptx.c.reversed_amount, _reversal.c.reverses_id, _reversal.c.amount, "reversed"
 )
 
 
-_REVERSAL_VIOLATIONS = compiled(
-    sa.select(_ptx.c.id, _ptx.c.reversed_amount, _reversal_sums.c.reversed)
-    .select_from(_ptx.outerjoin(_reversal_sums, _reversal_sums.c.reverses_id == _ptx.c.id))
-    .where(_ptx.c.reversed_amount != sa.func.coalesce(_reversal_sums.c.reversed, const(0)))
+_REFUND_VIOLATIONS = _sum_violations(
+    payments.c.refunded_amount, refunds.c.payment_id, refunds.c.amount, "refunded"
 )
 
 
@@ -125,20 +137,6 @@ _CHAIN_ENTRIES = compiled(
 )
 
 
-_refund_sums = (
-    sa.select(refunds.c.payment_id, sa.func.sum(refunds.c.amount).label("refunded"))
-    .group_by(refunds.c.payment_id)
-    .subquery()
-)
-
-
-_REFUND_VIOLATIONS = compiled(
-    sa.select(payments.c.id, payments.c.refunded_amount, _refund_sums.c.refunded)
-    .select_from(payments.outerjoin(_refund_sums, _refund_sums.c.payment_id == payments.c.id))
-    .where(payments.c.refunded_amount != sa.func.coalesce(_refund_sums.c.refunded, const(0)))
-)
-
-
 _ACCOUNT_BALANCES = compiled(sa.select(accounts.c.id, accounts.c.status, accounts.c.balance))
 
 
@@ -147,43 +145,45 @@ async def _all(conn: Conn, sql: str) -> list[Row]:
     return await cursor.fetchall()
 
 
-async def balance_violations(conn: Conn) -> list[str]:
-    """Accounts whose cached totals disagree with their ledger."""
-    return [
-        f"account {r.id}: balance {r.balance} / lifetime {r.lifetime_points}, ledger says"
-        f" {r.ledger_balance} / {r.ledger_lifetime}"
-        for r in await _all(conn, _BALANCE_VIOLATIONS)
-    ]
+# Each invariant's query, and the line a row it returns becomes.
+_VIOLATIONS: list[tuple[str, Callable[[Row], str]]] = [
+    # Accounts whose cached totals disagree with their ledger.
+    (
+        _BALANCE_VIOLATIONS,
+        lambda r: (
+            f"account {r.id}: balance {r.balance} / lifetime {r.lifetime_points},"
+            f" ledger says {r.ledger_balance} / {r.ledger_lifetime}"
+        ),
+    ),
+    # Transactions whose reversed_amount disagrees with the reversals that point at them.
+    (
+        _REVERSAL_VIOLATIONS,
+        lambda r: (
+            f"transaction {r.id}: reversed_amount {r.reversed_amount}, reversals sum {r.reversed}"
+        ),
+    ),
+    # Payments whose refunded_amount disagrees with their refunds.
+    (
+        _REFUND_VIOLATIONS,
+        lambda r: f"payment {r.id}: refunded_amount {r.refunded_amount}, refunds sum {r.refunded}",
+    ),
+    (
+        _DUPLICATE_ACTIVE_CUSTOMERS,
+        lambda r: f"customer {r.customer} has {r.n} ACTIVE accounts in {r.program_id}",
+    ),
+    (
+        _MERGED_ACCOUNT_VIOLATIONS,
+        lambda r: f"merged account {r.id} still holds {r.balance} / {r.lifetime_points}",
+    ),
+]
 
 
-async def reversal_violations(conn: Conn) -> list[str]:
-    """Transactions whose reversed_amount disagrees with the reversals that point at them."""
-    return [
-        f"transaction {r.id}: reversed_amount {r.reversed_amount}, reversals sum {r.reversed}"
-        for r in await _all(conn, _REVERSAL_VIOLATIONS)
-    ]
-
-
-async def refund_violations(conn: Conn) -> list[str]:
-    """Payments whose refunded_amount disagrees with their refunds."""
-    return [
-        f"payment {r.id}: refunded_amount {r.refunded_amount}, refunds sum {r.refunded}"
-        for r in await _all(conn, _REFUND_VIOLATIONS)
-    ]
-
-
-async def duplicate_active_customers(conn: Conn) -> list[str]:
-    return [
-        f"customer {r.customer} has {r.n} ACTIVE accounts in {r.program_id}"
-        for r in await _all(conn, _DUPLICATE_ACTIVE_CUSTOMERS)
-    ]
-
-
-async def merged_account_violations(conn: Conn) -> list[str]:
-    return [
-        f"merged account {r.id} still holds {r.balance} / {r.lifetime_points}"
-        for r in await _all(conn, _MERGED_ACCOUNT_VIOLATIONS)
-    ]
+async def violations(conn: Conn) -> list[str]:
+    """A line for each row that breaks one of the invariants above, check by check."""
+    found = []
+    for sql, line in _VIOLATIONS:
+        found += [line(r) for r in await _all(conn, sql)]
+    return found
 
 
 async def points_after_chains(conn: Conn) -> AsyncIterator[Row]:

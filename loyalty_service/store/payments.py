@@ -7,11 +7,10 @@ from datetime import datetime
 
 import sqlalchemy as sa
 from psycopg.types.json import Jsonb
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from ..db import payments, refunds
 from ..domain.payments import NewPayment, NewRefund
-from .requests import StoredResponse
+from .requests import Claims, StoredResponse
 from .sql import Conn, bind, compiled, one
 
 _CLAIMED_PAYMENT_COLUMNS = (
@@ -20,19 +19,9 @@ _CLAIMED_PAYMENT_COLUMNS = (
 )  # fmt: skip
 
 
-CLAIM_PAYMENT = compiled(
-    pg_insert(payments)
-    .values({name: bind(payments.c[name]) for name in _CLAIMED_PAYMENT_COLUMNS})
-    .on_conflict_do_nothing(index_elements=["id"])
-    .returning(payments.c.id)
-)
-
-
-_STORED_PAYMENT = compiled(
-    sa.select(payments.c.fingerprint, payments.c.response).where(
-        payments.c.id == bind(payments.c.id)
-    )
-)
+# A payment's response is saved with its outcome (SAVE_PAYMENT), not by _PAYMENTS.save.
+_PAYMENTS = Claims(payments, "id", _CLAIMED_PAYMENT_COLUMNS)
+CLAIM_PAYMENT = _PAYMENTS.claim_sql
 
 
 SAVE_PAYMENT = compiled(
@@ -62,30 +51,7 @@ _SAVE_REFUNDED = compiled(
 )
 
 
-_CLAIM_REFUND = compiled(
-    pg_insert(refunds)
-    .values(
-        {
-            c.name: bind(c)
-            for c in refunds.c
-            if c.name in ("id", "payment_id", "amount", "fingerprint", "create_time")
-        }
-    )
-    .on_conflict_do_nothing(index_elements=["id"])
-    .returning(refunds.c.id)
-)
-
-
-_STORED_REFUND = compiled(
-    sa.select(refunds.c.fingerprint, refunds.c.response).where(refunds.c.id == bind(refunds.c.id))
-)
-
-
-_SAVE_REFUND = compiled(
-    sa.update(refunds)
-    .where(refunds.c.id == bind(refunds.c.id))
-    .values(response=bind(refunds.c.response))
-)
+_REFUNDS = Claims(refunds, "id", ("id", "payment_id", "amount", "fingerprint", "create_time"))
 
 
 @dataclass(frozen=True)
@@ -98,27 +64,11 @@ class PaidPayment:
     refunded_amount: int
 
 
-async def _claim(
-    conn: Conn, claim_sql: str, stored_sql: str, params: dict[str, object]
-) -> StoredResponse | None:
-    """Inserts the row that claims an id (`params["id"]`), or returns what is stored for it."""
-    if await one(conn, claim_sql, params) is not None:
-        return None
-    stored = await _stored(conn, stored_sql, params["id"])
-    assert stored is not None, "a conflicting claim is committed before the conflict shows"
-    return stored
-
-
-async def _stored(conn: Conn, stored_sql: str, claimed_id: object) -> StoredResponse | None:
-    row = await one(conn, stored_sql, {"id": claimed_id})
-    return StoredResponse(row.fingerprint, row.response) if row else None
-
-
 async def claim_payment(
     conn: Conn, payment: NewPayment, fingerprint: str, now: datetime
 ) -> StoredResponse | None:
     """Claims the payment id for this transaction, or returns what is stored for it; a
-    concurrent claim waits for the first to end (see claim_request)."""
+    concurrent claim waits for the first to end (see Claims)."""
     params = {
         "id": payment.id,
         "program_id": payment.program,
@@ -130,15 +80,15 @@ async def claim_payment(
         "fingerprint": fingerprint,
         "create_time": now,
     }
-    return await _claim(conn, CLAIM_PAYMENT, _STORED_PAYMENT, params)
+    return await _PAYMENTS.claim(conn, params)
 
 
 async def stored_payment(conn: Conn, payment_id: str) -> StoredResponse | None:
-    return await _stored(conn, _STORED_PAYMENT, payment_id)
+    return await _PAYMENTS.stored(conn, payment_id)
 
 
 async def stored_refund(conn: Conn, refund_id: str) -> StoredResponse | None:
-    return await _stored(conn, _STORED_REFUND, refund_id)
+    return await _REFUNDS.stored(conn, refund_id)
 
 
 async def save_payment(
@@ -175,8 +125,8 @@ async def claim_refund(
         "fingerprint": fingerprint,
         "create_time": now,
     }
-    return await _claim(conn, _CLAIM_REFUND, _STORED_REFUND, params)
+    return await _REFUNDS.claim(conn, params)
 
 
 async def save_refund(conn: Conn, refund_id: str, response: object) -> None:
-    await conn.execute(_SAVE_REFUND, {"id": refund_id, "response": Jsonb(response)})
+    await _REFUNDS.save(conn, refund_id, response)

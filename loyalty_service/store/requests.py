@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -13,30 +14,54 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from ..db import idempotency_keys
 from .sql import Conn, bind, compiled, one
 
-_CLAIM_REQUEST = compiled(
-    pg_insert(idempotency_keys)
-    .values(
-        key=bind(idempotency_keys.c.key),
-        fingerprint=bind(idempotency_keys.c.fingerprint),
-        create_time=bind(idempotency_keys.c.create_time),
-    )
-    .on_conflict_do_nothing(index_elements=["key"])
-    .returning(idempotency_keys.c.key)
-)
+
+@dataclass(frozen=True)
+class StoredResponse:
+    fingerprint: str
+    response: typing.Any  # JSON: the response, or what rebuilds it
 
 
-_STORED_RESPONSE = compiled(
-    sa.select(idempotency_keys.c.fingerprint, idempotency_keys.c.response).where(
-        idempotency_keys.c.key == bind(idempotency_keys.c.key)
-    )
-)
+class Claims:
+    """A table of exactly-once keys (request keys here; payment and refund ids): a row claims
+    its key, with the fingerprint of what was asked, and later keeps the response.
+
+    A concurrent claim of the same key waits on the primary key until the first transaction
+    ends: if that one commits, the claim returns its response; if it rolls back, it claims.
+    """
+
+    def __init__(self, table: sa.Table, key: str, claimed: Iterable[str]) -> None:
+        self.key = key
+        column = table.c[key]
+        self.claim_sql = compiled(
+            pg_insert(table)
+            .values({name: bind(table.c[name]) for name in claimed})
+            .on_conflict_do_nothing(index_elements=[key])
+            .returning(column)
+        )
+        self.stored_sql = compiled(
+            sa.select(table.c.fingerprint, table.c.response).where(column == bind(column))
+        )
+        self.save_sql = compiled(
+            sa.update(table).where(column == bind(column)).values(response=bind(table.c.response))
+        )
+
+    async def claim(self, conn: Conn, params: dict[str, object]) -> StoredResponse | None:
+        """Inserts the row that claims `params[key]`, or returns what is stored for it."""
+        if await one(conn, self.claim_sql, params) is not None:
+            return None
+        stored = await self.stored(conn, params[self.key])
+        assert stored is not None, "a conflicting claim is committed before the conflict shows"
+        return stored
+
+    async def stored(self, conn: Conn, key: object) -> StoredResponse | None:
+        row = await one(conn, self.stored_sql, {self.key: key})
+        return StoredResponse(row.fingerprint, row.response) if row else None
+
+    async def save(self, conn: Conn, key: object, response: object) -> None:
+        await conn.execute(self.save_sql, {self.key: key, "response": Jsonb(response)})
 
 
-_SAVE_RESPONSE = compiled(
-    sa.update(idempotency_keys)
-    .where(idempotency_keys.c.key == bind(idempotency_keys.c.key))
-    .values(response=bind(idempotency_keys.c.response))
-)
+_REQUESTS = Claims(idempotency_keys, "key", ("key", "fingerprint", "create_time"))
 
 
 _PRUNE_REQUESTS = compiled(
@@ -46,35 +71,19 @@ _PRUNE_REQUESTS = compiled(
 )
 
 
-@dataclass(frozen=True)
-class StoredResponse:
-    fingerprint: str
-    response: typing.Any  # JSON: the response, or what rebuilds it
-
-
 async def claim_request(
     conn: Conn, key: str, fingerprint: str, now: datetime
 ) -> StoredResponse | None:
-    """Claims a request key for this transaction, or returns the response stored for it.
-
-    A concurrent claim of the same key waits on the primary key until the first transaction
-    ends: if that one commits, this returns its response; if it rolls back, this one claims.
-    """
-    params = {"key": key, "fingerprint": fingerprint, "create_time": now}
-    if await one(conn, _CLAIM_REQUEST, params) is not None:
-        return None
-    stored = await stored_response(conn, key)
-    assert stored is not None, "a conflicting key is committed before the conflict shows"
-    return stored
+    """Claims a request key for this transaction, or returns the response stored for it."""
+    return await _REQUESTS.claim(conn, {"key": key, "fingerprint": fingerprint, "create_time": now})
 
 
 async def stored_response(conn: Conn, key: str) -> StoredResponse | None:
-    row = await one(conn, _STORED_RESPONSE, {"key": key})
-    return StoredResponse(row.fingerprint, row.response) if row else None
+    return await _REQUESTS.stored(conn, key)
 
 
 async def save_response(conn: Conn, key: str, response: object) -> None:
-    await conn.execute(_SAVE_RESPONSE, {"key": key, "response": Jsonb(response)})
+    await _REQUESTS.save(conn, key, response)
 
 
 async def prune_request_keys(conn: Conn, before: datetime) -> int:

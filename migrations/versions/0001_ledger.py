@@ -1,9 +1,4 @@
-"""Programs, accounts, the points ledger, merges and idempotency keys.
-
-Revision ID: 0001
-Revises:
-Create Date: 2026-11-22
-"""
+"""Programs, accounts, the points ledger, merges and idempotency keys."""
 
 import sqlalchemy as sa
 from alembic import op
@@ -11,8 +6,6 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 revision = "0001"
 down_revision = None
-branch_labels = None
-depends_on = None
 
 TIME = sa.DateTime(timezone=True)
 

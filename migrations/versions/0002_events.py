@@ -1,9 +1,4 @@
-"""The event log (transactional outbox) and per-account version numbers.
-
-Revision ID: 0002
-Revises: 0001
-Create Date: 2026-11-22
-"""
+"""The event log (transactional outbox) and per-account version numbers."""
 
 import sqlalchemy as sa
 from alembic import op
@@ -11,8 +6,6 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 revision = "0002"
 down_revision = "0001"
-branch_labels = None
-depends_on = None
 
 TIME = sa.DateTime(timezone=True)
 EVENT_TYPES = (

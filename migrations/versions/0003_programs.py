@@ -1,9 +1,4 @@
-"""Programs: currency, auto-enrollment, tiers, status, update time and a paging keyset.
-
-Revision ID: 0003
-Revises: 0002
-Create Date: 2026-11-22
-"""
+"""Programs: currency, auto-enrollment, tiers, status, update time and a paging keyset."""
 
 import sqlalchemy as sa
 from alembic import op
@@ -11,8 +6,6 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 revision = "0003"
 down_revision = "0002"
-branch_labels = None
-depends_on = None
 
 TIME = sa.DateTime(timezone=True)
 

@@ -1,16 +1,9 @@
-"""The loyalty.account.tier_changed event type.
-
-Revision ID: 0004
-Revises: 0003
-Create Date: 2026-11-22
-"""
+"""The loyalty.account.tier_changed event type."""
 
 from alembic import op
 
 revision = "0004"
 down_revision = "0003"
-branch_labels = None
-depends_on = None
 
 EVENT_TYPES = (
     "'loyalty.account.created', 'loyalty.account.updated', 'loyalty.account.closed',"

@@ -1,9 +1,4 @@
-"""Earning rules, payments and refunds.
-
-Revision ID: 0005
-Revises: 0004
-Create Date: 2026-11-22
-"""
+"""Earning rules, payments and refunds."""
 
 import sqlalchemy as sa
 from alembic import op
@@ -11,8 +6,6 @@ from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 
 revision = "0005"
 down_revision = "0004"
-branch_labels = None
-depends_on = None
 
 TIME = sa.DateTime(timezone=True)
 

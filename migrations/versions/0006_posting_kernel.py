@@ -7,18 +7,12 @@ and, as its last step, appends the postings' events to the log (log_events). The
 is tier_after; tests run one table of cases against it and domain tier_for, which merges
 and enrollments use. A later change of the kernel replaces these functions in a migration
 of its own.
-
-Revision ID: 0006
-Revises: 0005
-Create Date: 2026-12-03
 """
 
 from alembic import op
 
 revision = "0006"
 down_revision = "0005"
-branch_labels = None
-depends_on = None
 
 # The functions are PL/pgSQL, whose statements' plans are kept for the session (a SQL
 # function called from another function is planned again at every call).
