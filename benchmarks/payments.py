@@ -233,9 +233,8 @@ def pgbench_script(
         # psycopg sends BEGIN with the first statement (pipeline mode).
         "\\startpipeline",
         "BEGIN;",
-        statement(store.programs.SHARE_PROGRAM, {"id": text(program.id)}) + ";",
-        "\\endpipeline",
         statement(store.payments.CLAIM_PAYMENT, claim) + ";",
+        "\\endpipeline",
         lock_account,
         "\\if :acct_version = 0",
         statement(store.accounts.FORMER_ACCOUNT, owner) + ";",

@@ -36,14 +36,14 @@ class PaymentUseCases(UseCases):
         reused = PaymentIdReused(f"payment {new.id} was recorded with other fields", payment=new.id)
 
         async def work(conn: Conn) -> PaymentResult:
-            program = await store.programs.share_program(conn, new.program)
-            if program is None:
+            now = self.clock()
+            claim = await store.payments.claim_payment(conn, new, fingerprint, now)
+            if claim.program is None:
                 missing = program_not_found(new.program)
                 raise await _reused_or(conn, store.payments.stored_payment, new.id, reused, missing)
-            now = self.clock()
-            stored = await store.payments.claim_payment(conn, new, fingerprint, now)
-            if stored is not None:
-                return replay(stored, fingerprint, reused, PaymentResult)
+            if claim.stored is not None:
+                return replay(claim.stored, fingerprint, reused, PaymentResult)
+            program = claim.program
             # After the claim: a replay answers as the first time, whatever changed since.
             domain.payments.check_payment_currency(program, new.currency)
             result, earn_ids = await _settle(conn, program, new, now)
@@ -174,6 +174,8 @@ async def _member(conn: Conn, program: str, customer: str) -> Account | PaymentO
     account = await store.accounts.lock_active_account(conn, program, customer)
     if account is not None:
         return account
+    # A statement of its own, after the lock: had a merge or close of that account held the
+    # lock, it has committed, and this snapshot sees where the account went.
     former = await store.accounts.former_account(conn, program, customer)
     if former is None:
         return None

@@ -7,9 +7,12 @@ from datetime import datetime
 
 import sqlalchemy as sa
 from psycopg.types.json import Jsonb
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from ..db import payments, refunds
+from ..db import payments, programs, refunds
 from ..domain.payments import NewPayment, NewRefund
+from ..domain.programs import Program
+from .programs import PROGRAM_COLUMNS, program_of
 from .requests import Claims, StoredResponse
 from .sql import Conn, bind, compiled, one
 
@@ -19,9 +22,39 @@ _CLAIMED_PAYMENT_COLUMNS = (
 )  # fmt: skip
 
 
-# A payment's response is saved with its outcome (SAVE_PAYMENT), not by _PAYMENTS.save.
+# A payment's response is saved with its outcome (SAVE_PAYMENT), not by _PAYMENTS.save; its
+# id is claimed by CLAIM_PAYMENT, not by _PAYMENTS.claim.
 _PAYMENTS = Claims(payments, "id", _CLAIMED_PAYMENT_COLUMNS)
-CLAIM_PAYMENT = _PAYMENTS.claim_sql
+
+
+# The payment's program, held FOR KEY SHARE (as store.programs.SHARE_PROGRAM holds it, against
+# UpdateProgram), and the payment id claimed, in one round trip. The claim's row is selected
+# from the program's, so the program is locked first, and a payment of a program that does
+# not exist claims nothing (and returns no row).
+_PROGRAM = (
+    sa.select(*PROGRAM_COLUMNS)
+    .where(programs.c.id == bind(payments.c.program_id))
+    .with_for_update(read=True, key_share=True)
+    .cte("program")
+)
+_CLAIM = (
+    pg_insert(payments)
+    .from_select(
+        _CLAIMED_PAYMENT_COLUMNS,
+        sa.select(
+            *(
+                _PROGRAM.c.id if name == "program_id" else bind(payments.c[name])
+                for name in _CLAIMED_PAYMENT_COLUMNS
+            )
+        ),
+    )
+    .on_conflict_do_nothing(index_elements=["id"])
+    .returning(payments.c.id)
+    .cte("claim")
+)
+CLAIM_PAYMENT = compiled(
+    sa.select(_PROGRAM, sa.exists(sa.select(_CLAIM.c.id)).label("claimed")).select_from(_PROGRAM)
+)
 
 
 SAVE_PAYMENT = compiled(
@@ -64,11 +97,20 @@ class PaidPayment:
     refunded_amount: int
 
 
+@dataclass(frozen=True)
+class PaymentClaim:
+    """The payment's program (None if it does not exist: nothing was claimed), held FOR KEY
+    SHARE, and what a first attempt stored for the payment id (None: this one claimed it)."""
+
+    program: Program | None
+    stored: StoredResponse | None = None
+
+
 async def claim_payment(
     conn: Conn, payment: NewPayment, fingerprint: str, now: datetime
-) -> StoredResponse | None:
-    """Claims the payment id for this transaction, or returns what is stored for it; a
-    concurrent claim waits for the first to end (see Claims)."""
+) -> PaymentClaim:
+    """Holds the payment's program and claims the payment id for this transaction, or returns
+    what is stored for it; a concurrent claim waits for the first to end (see Claims)."""
     params = {
         "id": payment.id,
         "program_id": payment.program,
@@ -80,7 +122,15 @@ async def claim_payment(
         "fingerprint": fingerprint,
         "create_time": now,
     }
-    return await _PAYMENTS.claim(conn, params)
+    row = await one(conn, CLAIM_PAYMENT, params)
+    if row is None:
+        return PaymentClaim(None)
+    if row.claimed:
+        return PaymentClaim(program_of(row))
+    # After the conflict waited for the first attempt to commit: a new statement sees it.
+    stored = await _PAYMENTS.stored(conn, payment.id)
+    assert stored is not None, "a conflicting claim is committed before the conflict shows"
+    return PaymentClaim(program_of(row), stored)
 
 
 async def stored_payment(conn: Conn, payment_id: str) -> StoredResponse | None:

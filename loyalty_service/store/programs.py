@@ -14,7 +14,7 @@ from ..domain.ids import Page
 from ..domain.programs import EarningRule, Program, ProgramStatus, Tier
 from .sql import Conn, Row, bind, compiled, const, filtered_page, one
 
-_PROGRAM_COLUMNS = [c for c in programs.c if c.name != "seq"]
+PROGRAM_COLUMNS = [c for c in programs.c if c.name != "seq"]
 
 
 _PROGRAM_ID = sa.bindparam("id", type_=sa.Text)
@@ -22,24 +22,24 @@ _PROGRAM_ID = sa.bindparam("id", type_=sa.Text)
 
 _INSERT_PROGRAM = compiled(
     pg_insert(programs)
-    .values({c.name: bind(c) for c in _PROGRAM_COLUMNS})
+    .values({c.name: bind(c) for c in PROGRAM_COLUMNS})
     .on_conflict_do_nothing(index_elements=["id"])
     .returning(programs.c.id)
 )
 
 
-_GET_PROGRAM = compiled(sa.select(*_PROGRAM_COLUMNS).where(programs.c.id == _PROGRAM_ID))
+_GET_PROGRAM = compiled(sa.select(*PROGRAM_COLUMNS).where(programs.c.id == _PROGRAM_ID))
 
 
 _LOCK_PROGRAM = compiled(
-    sa.select(*_PROGRAM_COLUMNS).where(programs.c.id == _PROGRAM_ID).with_for_update()
+    sa.select(*PROGRAM_COLUMNS).where(programs.c.id == _PROGRAM_ID).with_for_update()
 )
 
 
 # KEY SHARE, as the accounts' foreign key takes anyway: enrollments do not wait for each
 # other, but wait for an UpdateProgram (FOR UPDATE) and then see what it committed.
 SHARE_PROGRAM = compiled(
-    sa.select(*_PROGRAM_COLUMNS)
+    sa.select(*PROGRAM_COLUMNS)
     .where(programs.c.id == _PROGRAM_ID)
     .with_for_update(read=True, key_share=True)
 )
@@ -48,7 +48,7 @@ SHARE_PROGRAM = compiled(
 _SAVE_PROGRAM = compiled(
     sa.update(programs)
     .where(programs.c.id == _PROGRAM_ID)
-    .values({c.name: bind(c) for c in _PROGRAM_COLUMNS if c.name not in ("id", "create_time")})
+    .values({c.name: bind(c) for c in PROGRAM_COLUMNS if c.name not in ("id", "create_time")})
 )
 
 
@@ -59,7 +59,7 @@ _PROGRAM_HAS_ACCOUNTS = compiled(
 )
 
 
-def _program(row: Row) -> Program:
+def program_of(row: Row) -> Program:
     return Program(
         id=row.id,
         name=row.name,
@@ -95,19 +95,19 @@ async def insert_program(conn: Conn, program: Program) -> bool:
 
 async def get_program(conn: Conn, program_id: str) -> Program | None:
     row = await one(conn, _GET_PROGRAM, {"id": program_id})
-    return _program(row) if row else None
+    return program_of(row) if row else None
 
 
 async def lock_program(conn: Conn, program_id: str) -> Program | None:
     row = await one(conn, _LOCK_PROGRAM, {"id": program_id})
-    return _program(row) if row else None
+    return program_of(row) if row else None
 
 
 async def share_program(conn: Conn, program_id: str) -> Program | None:
     """The program, held against UpdateProgram until this transaction ends (see
     SHARE_PROGRAM)."""
     row = await one(conn, SHARE_PROGRAM, {"id": program_id})
-    return _program(row) if row else None
+    return program_of(row) if row else None
 
 
 async def save_program(conn: Conn, program: Program) -> None:
@@ -170,4 +170,4 @@ async def list_programs(
     conn: Conn, status: ProgramStatus | None, after: int | None, limit: int
 ) -> Page[Program]:
     filters = {"status": status.value if status else None}
-    return await filtered_page(conn, programs, _PROGRAM_COLUMNS, filters, after, limit, _program)
+    return await filtered_page(conn, programs, PROGRAM_COLUMNS, filters, after, limit, program_of)
