@@ -86,10 +86,11 @@ def pgbench_script(
     no answer, with the COMMIT). `statement(sql, params)` puts one on a line with pgbench
     expressions for its parameters.
 
-    A customer's first payment runs 7 statements and the COMMIT in 7 round trips (the
-    program, the payment id, the account, no CLOSED or merged one, the new account, the
-    posting kernel's call with the welcome bonus, the earn and the account.created event,
-    then the payment's outcome with the COMMIT); a later one 5 statements in 5 round trips.
+    A customer's first payment runs 6 statements and the COMMIT in 6 round trips (the
+    program with the payment id's claim, the account, no CLOSED or merged one, the new
+    account, the posting kernel's call with the welcome bonus, the earn and the
+    account.created event, then the payment's outcome with the COMMIT); a later one 4
+    statements in 4 round trips.
 
     What the service works out in Python from the program and the locked account (the
     points, the response) is worked out here with pgbench's \\set and SQL expressions over
