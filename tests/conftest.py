@@ -32,6 +32,20 @@ from loyalty_service.pb import accounts_pb2_grpc, points_pb2_grpc, programs_pb2_
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# `loyalty-service`, as this interpreter runs it.
+CLI = [sys.executable, "-m", "loyalty_service"]
+
+
+def cli(command: str, env: dict[str, str], **options) -> subprocess.Popen[str]:
+    """`loyalty-service <command>` started in a child process, in the repository."""
+    return subprocess.Popen([*CLI, command], env=env, cwd=ROOT, text=True, **options)
+
+
+def run_cli(command: str, env: dict[str, str], **options) -> subprocess.CompletedProcess[str]:
+    """`loyalty-service <command>` run to the end in a child process, in the repository."""
+    return subprocess.run([*CLI, command], env=env, cwd=ROOT, text=True, **options)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -113,14 +127,7 @@ class ServiceProcess:
             **env,
         }
         self._log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed by stop)
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "loyalty_service", "serve"],
-            env=environment,
-            cwd=ROOT,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        self.process = cli("serve", environment, stdout=self._log, stderr=subprocess.STDOUT)
         try:
             self.wait_serving()
         except BaseException:

@@ -11,10 +11,25 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import field_mask_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from loyalty_service.pb import accounts_pb2, points_pb2
+from loyalty_service.pb import (
+    accounts_pb2,
+    accounts_pb2_grpc,
+    events_pb2_grpc,
+    points_pb2,
+    points_pb2_grpc,
+    programs_pb2,
+    programs_pb2_grpc,
+)
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+NOT_FOUND = grpc.StatusCode.NOT_FOUND
+FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
+ALREADY_EXISTS = grpc.StatusCode.ALREADY_EXISTS
+OUT_OF_RANGE = grpc.StatusCode.OUT_OF_RANGE
 
 PTX = points_pb2.PointsTransaction
 EARN, REDEEM, ADJUST, REVERSE, EXPIRE = (
@@ -28,6 +43,17 @@ CREDIT, DEBIT = PTX.DIRECTION_CREDIT, PTX.DIRECTION_DEBIT
 ACTIVE = accounts_pb2.Account.STATUS_ACTIVE
 CLOSED = accounts_pb2.Account.STATUS_CLOSED
 MERGED = accounts_pb2.Account.STATUS_MERGED
+
+
+class Stubs:
+    """A stub of each of the service's APIs, on one channel (plain or grpc.aio)."""
+
+    def __init__(self, channel) -> None:
+        self.channel = channel
+        self.accounts = accounts_pb2_grpc.LoyaltyAccountsStub(channel)
+        self.points = points_pb2_grpc.PointsLedgerStub(channel)
+        self.programs = programs_pb2_grpc.LoyaltyProgramsStub(channel)
+        self.events = events_pb2_grpc.LoyaltyEventsStub(channel)
 
 
 GRPCURL = str(Path(sys.executable).parent / "grpcurl")
@@ -88,25 +114,32 @@ def failure(error: grpc.RpcError) -> Failure:
     )
 
 
-def fails(call, request, code: grpc.StatusCode, reason: str) -> Failure:
-    """Calls and asserts the call fails with this code and reason."""
-    with pytest.raises(grpc.RpcError) as caught:
-        call(request)
-    found = failure(caught.value)
+def failed_with(error: grpc.RpcError, code: grpc.StatusCode, reason: str) -> Failure:
+    """Asserts the error has this code and reason, in the service's domain."""
+    found = failure(error)
     assert (found.code, found.reason) == (code, reason), found
     assert found.domain == "loyalty.vinr.v1"
     assert "Traceback" not in found.message
     return found
 
 
-def create_account(accounts, customer: str | None = None, **fields) -> accounts_pb2.Account:
-    return accounts.CreateAccount(
-        accounts_pb2.CreateAccountRequest(
-            program="prog_default",
-            customer=unique() if customer is None else customer,
-            **fields,
-        )
+def fails(call, request, code: grpc.StatusCode, reason: str) -> Failure:
+    """Calls and asserts the call fails with this code and reason."""
+    with pytest.raises(grpc.RpcError) as caught:
+        call(request)
+    return failed_with(caught.value, code, reason)
+
+
+def account_request(customer: str | None = None, **fields) -> accounts_pb2.CreateAccountRequest:
+    """A CreateAccount request in prog_default, for a new customer unless told."""
+    fields.setdefault("program", "prog_default")
+    return accounts_pb2.CreateAccountRequest(
+        customer=unique() if customer is None else customer, **fields
     )
+
+
+def create_account(accounts, customer: str | None = None, **fields) -> accounts_pb2.Account:
+    return accounts.CreateAccount(account_request(customer, **fields))
 
 
 def post(points, account: str, type_: int, amount: int, direction: int = 0, **fields):
@@ -117,11 +150,54 @@ def post(points, account: str, type_: int, amount: int, direction: int = 0, **fi
     )
 
 
+def reverse(points, transaction_id: str, **fields) -> points_pb2.PointsTransaction:
+    return points.ReversePointsTransaction(
+        points_pb2.ReversePointsTransactionRequest(id=transaction_id, **fields)
+    )
+
+
 def funded_account(accounts, points, balance: int) -> accounts_pb2.Account:
     account = create_account(accounts)
     if balance:
         post(points, account.id, EARN, balance)
     return accounts.GetAccount(accounts_pb2.GetAccountRequest(id=account.id))
+
+
+def tiers(*pairs: tuple[str, int]) -> list[programs_pb2.Tier]:
+    """A program's tiers, from (name, lifetime points) pairs."""
+    return [programs_pb2.Tier(name=name, lifetime_points=points) for name, points in pairs]
+
+
+def program_request(
+    program_id: str = "", request_id: str = "", **fields
+) -> programs_pb2.CreateProgramRequest:
+    """A CreateProgram request; the program is "Coffee club" in EUR unless `fields` say."""
+    fields.setdefault("name", "Coffee club")
+    fields.setdefault("currency", "EUR")
+    return programs_pb2.CreateProgramRequest(
+        program=programs_pb2.Program(**fields), program_id=program_id, request_id=request_id
+    )
+
+
+def create_program(programs, program_id: str = "", **fields) -> programs_pb2.Program:
+    return programs.CreateProgram(program_request(program_id, **fields))
+
+
+def program_update(
+    program_id: str, paths: list[str] | None = None, request_id: str = "", **fields
+) -> programs_pb2.UpdateProgramRequest:
+    """An UpdateProgram request of these fields, with this update mask."""
+    return programs_pb2.UpdateProgramRequest(
+        program=programs_pb2.Program(id=program_id, **fields),
+        update_mask=field_mask_pb2.FieldMask(paths=paths or []),
+        request_id=request_id,
+    )
+
+
+def update_program(
+    programs, program_id: str, paths: list[str] | None = None, **fields
+) -> programs_pb2.Program:
+    return programs.UpdateProgram(program_update(program_id, paths, **fields))
 
 
 def get(accounts, account_id: str) -> accounts_pb2.Account:

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-import grpc
+import pytest
 from google.protobuf import field_mask_pb2
 
 from loyalty_service.pb import accounts_pb2, points_pb2, programs_pb2
 from tests.support import (
     ACTIVE,
     ADJUST,
+    ALREADY_EXISTS,
     CLOSED,
     CREDIT,
     EARN,
+    FAILED_PRECONDITION,
+    INVALID,
     MERGED,
+    NOT_FOUND,
     REDEEM,
+    Stubs,
     create_account,
     fails,
     funded_account,
@@ -21,10 +26,6 @@ from tests.support import (
     post,
     unique,
 )
-
-NOT_FOUND = grpc.StatusCode.NOT_FOUND
-FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
-ALREADY_EXISTS = grpc.StatusCode.ALREADY_EXISTS
 
 
 def test_create_and_get(accounts):
@@ -61,15 +62,43 @@ def test_unknown_program_is_not_found(accounts):
     assert found.metadata == {"program": "prog_nope"}
 
 
-def test_unknown_account_is_not_found(accounts):
-    missing = "loy_" + "A" * 20
-    found = fails(
-        accounts.GetAccount,
-        accounts_pb2.GetAccountRequest(id=missing),
-        NOT_FOUND,
-        "ACCOUNT_NOT_FOUND",
-    )
-    assert found.metadata == {"account": missing}
+@pytest.mark.parametrize(
+    ("api", "method", "request_type", "missing", "reason", "key"),
+    [
+        pytest.param(
+            "accounts",
+            "GetAccount",
+            accounts_pb2.GetAccountRequest,
+            "loy_" + "A" * 20,
+            "ACCOUNT_NOT_FOUND",
+            "account",
+            id="account",
+        ),
+        pytest.param(
+            "programs",
+            "GetProgram",
+            programs_pb2.GetProgramRequest,
+            "prog_" + "x" * 20,
+            "PROGRAM_NOT_FOUND",
+            "program",
+            id="program",
+        ),
+        pytest.param(
+            "points",
+            "GetPointsTransaction",
+            points_pb2.GetPointsTransactionRequest,
+            "ptx_" + "Q" * 20,
+            "POINTS_TRANSACTION_NOT_FOUND",
+            "pointsTransaction",
+            id="points_transaction",
+        ),
+    ],
+)
+def test_an_unknown_id_is_not_found(channel, api, method, request_type, missing, reason, key):
+    """Each API's Get of a well-formed id that names nothing: NOT_FOUND naming the id."""
+    call = getattr(getattr(Stubs(channel), api), method)
+    found = fails(call, request_type(id=missing), NOT_FOUND, reason)
+    assert found.metadata == {key: missing}
 
 
 def test_second_active_account_for_customer_is_already_exists(accounts):
@@ -253,7 +282,7 @@ def test_merge_failures(accounts, points):
     found = fails(
         accounts.MergeAccounts,
         accounts_pb2.MergeAccountsRequest(source=a.id, target=a.id),
-        grpc.StatusCode.INVALID_ARGUMENT,
+        INVALID,
         "INVALID_ARGUMENT",
     )
     assert "target" in found.field_violations

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 
@@ -12,6 +11,7 @@ from tests.support import (
     CREDIT,
     DEBIT,
     EARN,
+    INVALID,
     REDEEM,
     REVERSE,
     create_account,
@@ -22,7 +22,6 @@ from tests.support import (
     unique,
 )
 
-INVALID = grpc.StatusCode.INVALID_ARGUMENT
 Origin = points_pb2.Origin
 
 

@@ -7,10 +7,14 @@ import grpc
 from loyalty_service.pb import accounts_pb2, points_pb2
 from tests.support import (
     ACTIVE,
+    ALREADY_EXISTS,
     EARN,
+    FAILED_PRECONDITION,
     MERGED,
     REDEEM,
+    account_request,
     create_account,
+    failed_with,
     failure,
     funded_account,
     get,
@@ -29,24 +33,19 @@ def settle(futures):
     return results, errors
 
 
+def at_once(call, request, times: int):
+    """Sends the same request `times` times without waiting; (results, errors) of settle."""
+    return settle([call.future(request) for _ in range(times)])
+
+
 def test_50_concurrent_redeems_of_30_against_1000(accounts, points, assert_invariants):
     account = funded_account(accounts, points, 1000)
-    futures = [
-        points.CreatePointsTransaction.future(
-            points_pb2.CreatePointsTransactionRequest(account=account.id, type=REDEEM, amount=30)
-        )
-        for _ in range(50)
-    ]
-    results, errors = settle(futures)
+    redeem = points_pb2.CreatePointsTransactionRequest(account=account.id, type=REDEEM, amount=30)
+    results, errors = at_once(points.CreatePointsTransaction, redeem, 50)
 
-    assert len(results) == 33
-    assert len(errors) == 17
+    assert (len(results), len(errors)) == (33, 17)
     for error in errors:
-        found = failure(error)
-        assert (found.code, found.reason) == (
-            grpc.StatusCode.FAILED_PRECONDITION,
-            "INSUFFICIENT_POINTS",
-        )
+        found = failed_with(error, FAILED_PRECONDITION, "INSUFFICIENT_POINTS")
         assert found.metadata["requested"] == "30"
         assert int(found.metadata["balance"]) < 30
     # Each success saw a distinct balance: 970, 940, ..., 10.
@@ -77,22 +76,11 @@ def test_200_concurrent_earns_on_one_account(accounts, points, assert_invariants
 
 def test_20_concurrent_creates_for_one_customer(accounts, assert_invariants):
     customer = unique()
-    futures = [
-        accounts.CreateAccount.future(
-            accounts_pb2.CreateAccountRequest(program="prog_default", customer=customer)
-        )
-        for _ in range(20)
-    ]
-    results, errors = settle(futures)
+    results, errors = at_once(accounts.CreateAccount, account_request(customer), 20)
 
-    assert len(results) == 1
-    assert len(errors) == 19
+    assert (len(results), len(errors)) == (1, 19)
     for error in errors:
-        found = failure(error)
-        assert (found.code, found.reason) == (
-            grpc.StatusCode.ALREADY_EXISTS,
-            "ACCOUNT_ALREADY_EXISTS",
-        )
+        found = failed_with(error, ALREADY_EXISTS, "ACCOUNT_ALREADY_EXISTS")
         assert found.metadata["existingAccount"] == results[0].id
     listed = accounts.ListAccounts(
         accounts_pb2.ListAccountsRequest(program="prog_default", customer=customer)
@@ -117,11 +105,7 @@ def test_racing_merges_a_to_b_and_b_to_a(accounts, points, assert_invariants):
 
         assert len(results) == 1, "exactly one merge wins"
         assert len(errors) == 1
-        found = failure(errors[0])
-        assert (found.code, found.reason) == (
-            grpc.StatusCode.FAILED_PRECONDITION,
-            "ACCOUNT_NOT_ACTIVE",
-        )
+        failed_with(errors[0], FAILED_PRECONDITION, "ACCOUNT_NOT_ACTIVE")
         winner = results[0]
         assert (winner.target.balance, winner.target.lifetime_points) == (350, 350)
         survivor = get(accounts, winner.target.id)
@@ -136,7 +120,7 @@ def test_same_request_id_sent_20_times_at_once(accounts, points, assert_invarian
     request = points_pb2.CreatePointsTransactionRequest(
         account=account.id, type=REDEEM, amount=70, request_id=unique("req")
     )
-    results, errors = settle([points.CreatePointsTransaction.future(request) for _ in range(20)])
+    results, errors = at_once(points.CreatePointsTransaction, request, 20)
 
     assert errors == []
     assert len(results) == 20
@@ -151,10 +135,8 @@ def test_same_request_id_sent_20_times_at_once(accounts, points, assert_invarian
 
 
 def test_same_create_account_request_id_at_once(accounts, assert_invariants):
-    request = accounts_pb2.CreateAccountRequest(
-        program="prog_default", customer=unique(), request_id=unique("req")
-    )
-    results, errors = settle([accounts.CreateAccount.future(request) for _ in range(20)])
+    request = account_request(request_id=unique("req"))
+    results, errors = at_once(accounts.CreateAccount, request, 20)
 
     assert errors == []
     assert len({r.SerializeToString(deterministic=True) for r in results}) == 1

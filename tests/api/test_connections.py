@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import signal
 import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -27,7 +25,7 @@ from loyalty_service.config import Settings
 from loyalty_service.db import libpq_url
 from loyalty_service.pb import accounts_pb2, accounts_pb2_grpc, points_pb2, points_pb2_grpc
 from loyalty_service.server import channel_options
-from tests.conftest import ROOT
+from tests.conftest import run_cli
 from tests.support import EARN, create_account, failure, wait_for
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -146,16 +144,14 @@ def test_a_connection_that_never_handshakes_is_closed(database_url, start_replic
 
 def test_a_taken_port_is_a_clear_start_up_error(database_url, service):
     address = service.address
-    started = subprocess.run(
-        [sys.executable, "-m", "loyalty_service", "serve"],
-        env={
+    started = run_cli(
+        "serve",
+        {
             "PATH": "/usr/bin:/bin",
             "LOYALTY_DATABASE_URL": database_url,
             "LOYALTY_LISTEN_ADDRESS": address,
         },
-        cwd=ROOT,
         capture_output=True,
-        text=True,
         timeout=60,
     )
     assert started.returncode == 2, started

@@ -21,14 +21,7 @@ from loyalty_service.api import messages, streams
 from loyalty_service.config import Settings
 from loyalty_service.ledger import Ledger
 from loyalty_service.ledger.requests import system_clock
-from loyalty_service.pb import (
-    accounts_pb2,
-    accounts_pb2_grpc,
-    events_pb2,
-    events_pb2_grpc,
-    points_pb2,
-    points_pb2_grpc,
-)
+from loyalty_service.pb import accounts_pb2, events_pb2, points_pb2
 from loyalty_service.server import LoyaltyServer
 from tests.conftest import ROOT, libpq_url
 from tests.events_support import (
@@ -42,30 +35,29 @@ from tests.support import (
     ACTIVE,
     CLOSED,
     EARN,
+    FAILED_PRECONDITION,
     GRPCURL,
+    INVALID,
     MERGED,
+    OUT_OF_RANGE,
     REDEEM,
+    Stubs,
     create_account,
     fails,
     failure,
     grpcurl,
     post,
+    reverse,
 )
 
-OUT_OF_RANGE = grpc.StatusCode.OUT_OF_RANGE
-INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
-
-class Replica:
+class Replica(Stubs):
     """A server process on a database of its own, with stubs for it."""
 
     def __init__(self, process, database_url: str) -> None:
+        super().__init__(grpc.insecure_channel(process.address))
         self.process = process
         self.database_url = database_url
-        self.channel = grpc.insecure_channel(process.address)
-        self.accounts = accounts_pb2_grpc.LoyaltyAccountsStub(self.channel)
-        self.points = points_pb2_grpc.PointsLedgerStub(self.channel)
-        self.events = events_pb2_grpc.LoyaltyEventsStub(self.channel)
 
 
 @pytest.fixture
@@ -101,13 +93,11 @@ def test_every_change_appends_its_event_in_commit_order(fresh):
     fails(
         r.points.CreatePointsTransaction,
         points_pb2.CreatePointsTransactionRequest(account=a.id, type=REDEEM, amount=1000),
-        grpc.StatusCode.FAILED_PRECONDITION,
+        FAILED_PRECONDITION,
         "INSUFFICIENT_POINTS",
     )
     redeemed = post(r.points, a.id, REDEEM, 30)
-    reversal = r.points.ReversePointsTransaction(
-        points_pb2.ReversePointsTransactionRequest(id=earned.id, amount=10)
-    )
+    reversal = reverse(r.points, earned.id, amount=10)
     r.accounts.CloseAccount(accounts_pb2.CloseAccountRequest(id=a.id))
     r.accounts.ReopenAccount(accounts_pb2.ReopenAccountRequest(id=a.id))
     b = create_account(r.accounts, customer="cust_b")
@@ -447,8 +437,8 @@ def test_cancelled_and_expired_streams_release_everything(databases):
             await server.stop()
 
     async def exercise(server: LoyaltyServer, channel: grpc.aio.Channel) -> None:
-        accounts = accounts_pb2_grpc.LoyaltyAccountsStub(channel)
-        points = points_pb2_grpc.PointsLedgerStub(channel)
+        stubs = Stubs(channel)
+        accounts, points = stubs.accounts, stubs.points
         account = await accounts.CreateAccount(
             accounts_pb2.CreateAccountRequest(program="prog_default")
         )

@@ -15,9 +15,16 @@ from psycopg_pool import PoolTimeout
 from loyalty_service.api import errors
 from loyalty_service.domain.errors import FieldViolation, InvalidArgument
 from loyalty_service.pb import accounts_pb2, events_pb2, points_pb2, programs_pb2
-from tests.support import failure, unique
+from tests.support import (
+    INVALID,
+    OUT_OF_RANGE,
+    account_request,
+    failed_with,
+    failure,
+    program_request,
+    unique,
+)
 
-INVALID = grpc.StatusCode.INVALID_ARGUMENT
 # gRPC's default limit on the metadata a client accepts (trailers included).
 CLIENT_METADATA_LIMIT = 8 << 10
 
@@ -59,8 +66,7 @@ def refused(channel, method: str, request, code=INVALID, reason="INVALID_ARGUMEN
         call = channel.unary_unary(method, request_serializer=serialize)
         with pytest.raises(grpc.RpcError) as caught:
             call(request, timeout=30)
-    found = failure(caught.value)
-    assert (found.code, found.reason) == (code, reason), found
+    found = failed_with(caught.value, code, reason)
     assert trailer_bytes(caught.value) < CLIENT_METADATA_LIMIT, trailer_bytes(caught.value)
     return found
 
@@ -146,21 +152,17 @@ def test_page_tokens_of_any_text_are_invalid(roomy, token):
 
 @pytest.mark.parametrize("position", [2**31, 2**53, 2**63 - 1])
 def test_positions_far_past_the_head_are_out_of_range(roomy, position):
-    refused(
-        roomy,
-        EVENTS + "ListEvents",
-        events_pb2.ListEventsRequest(after_position=position),
-        code=grpc.StatusCode.OUT_OF_RANGE,
-        reason="EVENT_POSITION_AHEAD",
-    )
-    refused(
-        roomy,
-        POINTS + "SubscribeTransactionEvents",
-        points_pb2.SubscribeTransactionEventsRequest(after_position=position),
-        code=grpc.StatusCode.OUT_OF_RANGE,
-        reason="EVENT_POSITION_AHEAD",
-        stream=True,
-    )
+    for method, request, stream in [
+        (EVENTS + "ListEvents", events_pb2.ListEventsRequest(after_position=position), False),
+        (
+            POINTS + "SubscribeTransactionEvents",
+            points_pb2.SubscribeTransactionEventsRequest(after_position=position),
+            True,
+        ),
+    ]:
+        refused(
+            roomy, method, request, code=OUT_OF_RANGE, reason="EVENT_POSITION_AHEAD", stream=stream
+        )
 
 
 def test_a_million_filter_types_cost_one_violation_and_little_time(roomy, service):
@@ -176,38 +178,27 @@ def test_a_million_filter_types_cost_one_violation_and_little_time(roomy, servic
     assert service.health() == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_oversized_repeated_fields_and_maps_are_refused_by_their_count(roomy):
-    tiers = [programs_pb2.Tier()] * 100_000
-    found = refused(
-        roomy,
-        PROGRAMS + "CreateProgram",
-        programs_pb2.CreateProgramRequest(
-            program=programs_pb2.Program(name="n", currency="EUR", tiers=tiers)
-        ),
-    )
-    assert found.field_violations == {"program.tiers": "has more than 20 tiers"}
+@pytest.mark.parametrize(
+    ("field", "items", "violation"),
+    [
+        ("tiers", [programs_pb2.Tier()] * 100_000, "has more than 20 tiers"),
+        ("earning_rules", [programs_pb2.EarningRule()] * 10_000, "has more than 20 rules"),
+    ],
+)
+def test_oversized_repeated_fields_of_a_program_are_refused_by_their_count(
+    roomy, field, items, violation
+):
+    request = program_request(name="n", **{field: items})
+    found = refused(roomy, PROGRAMS + "CreateProgram", request)
+    assert found.field_violations == {f"program.{field}": violation}
 
-    rules = [programs_pb2.EarningRule()] * 10_000
-    found = refused(
-        roomy,
-        PROGRAMS + "CreateProgram",
-        programs_pb2.CreateProgramRequest(
-            program=programs_pb2.Program(name="n", currency="EUR", earning_rules=rules)
-        ),
-    )
-    assert found.field_violations == {"program.earning_rules": "has more than 20 rules"}
 
+def test_oversized_maps_and_masks_are_refused_by_their_count(roomy):
     for metadata in (
         {f"{i:040d}": "v" * 600 for i in range(80)},
         {f"{i:041d}": "v" for i in range(200)},
     ):
-        found = refused(
-            roomy,
-            ACCOUNTS + "CreateAccount",
-            accounts_pb2.CreateAccountRequest(
-                program="prog_default", customer=unique(), metadata=metadata
-            ),
-        )
+        found = refused(roomy, ACCOUNTS + "CreateAccount", account_request(metadata=metadata))
         assert found.field_violations == {"metadata": "has more than 50 keys"}
 
     found = refused(

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import grpc
-
 from loyalty_service.pb import accounts_pb2, points_pb2
 from tests.support import (
     EARN,
+    FAILED_PRECONDITION,
+    INVALID,
     MERGED,
     REDEEM,
     create_account,
@@ -14,10 +14,11 @@ from tests.support import (
     funded_account,
     get,
     post,
+    reverse,
     unique,
 )
 
-REUSED = (grpc.StatusCode.INVALID_ARGUMENT, "REQUEST_ID_REUSED")
+REUSED = (INVALID, "REQUEST_ID_REUSED")
 
 
 def test_create_transaction_retry(accounts, points):
@@ -54,9 +55,7 @@ def test_posting_retry_after_a_merge_and_a_reversal_returns_the_first_response(a
         request_id=unique("req"),
     )
     first = points.CreatePointsTransaction(request)
-    points.ReversePointsTransaction(
-        points_pb2.ReversePointsTransactionRequest(id=first.id, amount=15)
-    )
+    reverse(points, first.id, amount=15)
     accounts.MergeAccounts(accounts_pb2.MergeAccountsRequest(source=source.id, target=target.id))
 
     again = points.CreatePointsTransaction(request)
@@ -109,11 +108,11 @@ def test_merge_and_reverse_retries(accounts, points):
     assert merged.source.status == MERGED
 
     earned = post(points, target.id, EARN, 50)
-    reverse = points_pb2.ReversePointsTransactionRequest(
+    reversal = points_pb2.ReversePointsTransactionRequest(
         id=earned.id, amount=10, request_id=unique("req")
     )
-    first = points.ReversePointsTransaction(reverse)
-    assert points.ReversePointsTransaction(reverse) == first
+    first = points.ReversePointsTransaction(reversal)
+    assert points.ReversePointsTransaction(reversal) == first
     assert get(accounts, target.id).balance == 65
 
 
@@ -125,7 +124,7 @@ def test_a_failed_request_may_be_retried(accounts, points):
     fails(
         points.CreatePointsTransaction,
         request,
-        grpc.StatusCode.FAILED_PRECONDITION,
+        FAILED_PRECONDITION,
         "INSUFFICIENT_POINTS",
     )
     post(points, account.id, EARN, 5)

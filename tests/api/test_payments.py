@@ -14,9 +14,10 @@ from datetime import UTC, datetime, timedelta
 import grpc
 import psycopg
 import pytest
-from google.protobuf import field_mask_pb2, timestamp_pb2
+from google.protobuf import timestamp_pb2
 
 from loyalty_service.pb import accounts_pb2, points_pb2, points_pb2_grpc, programs_pb2
+from tests import support
 from tests.conftest import ROOT, libpq_url
 from tests.events_support import all_events, event_of
 from tests.support import (
@@ -25,19 +26,24 @@ from tests.support import (
     CREDIT,
     DEBIT,
     EARN,
+    FAILED_PRECONDITION,
+    INVALID,
+    NOT_FOUND,
     REDEEM,
     REVERSE,
+    create_account,
+    create_program,
     fails,
     failure,
     get,
     grpcurl,
     post,
+    program_request,
+    program_update,
+    reverse,
     unique,
+    update_program,
 )
-
-INVALID = grpc.StatusCode.INVALID_ARGUMENT
-NOT_FOUND = grpc.StatusCode.NOT_FOUND
-FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
 
 PROGRAM = programs_pb2.Program
 RULE = programs_pb2.EarningRule
@@ -95,27 +101,19 @@ def new_program(
     tiers: tuple[tuple[str, int], ...] = (),
     status: int = 0,
 ) -> programs_pb2.Program:
-    return programs.CreateProgram(
-        programs_pb2.CreateProgramRequest(
-            program=PROGRAM(
-                name="Payments",
-                currency=currency,
-                auto_enroll=auto_enroll,
-                tiers=[programs_pb2.Tier(name=n, lifetime_points=p) for n, p in tiers],
-                earning_rules=list(rules),
-                status=status,
-            )
-        )
+    return create_program(
+        programs,
+        name="Payments",
+        currency=currency,
+        auto_enroll=auto_enroll,
+        tiers=support.tiers(*tiers),
+        earning_rules=list(rules),
+        status=status,
     )
 
 
 def set_rules(programs, program_id: str, *rules: programs_pb2.EarningRule) -> programs_pb2.Program:
-    return programs.UpdateProgram(
-        programs_pb2.UpdateProgramRequest(
-            program=PROGRAM(id=program_id, earning_rules=list(rules)),
-            update_mask=field_mask_pb2.FieldMask(paths=["earning_rules"]),
-        )
-    )
+    return update_program(programs, program_id, ["earning_rules"], earning_rules=list(rules))
 
 
 def payment(
@@ -164,11 +162,7 @@ def refund(points, payment_id: str, amount: int, refund_id: str | None = None):
 
 
 def enroll(accounts, program: programs_pb2.Program, customer: str | None = None):
-    return accounts.CreateAccount(
-        accounts_pb2.CreateAccountRequest(
-            program=program.id, customer=unique() if customer is None else customer
-        )
-    )
+    return create_account(accounts, customer, program=program.id)
 
 
 def ledger(points, account: str) -> list[points_pb2.PointsTransaction]:
@@ -406,12 +400,7 @@ def test_rules_with_an_empty_mask_and_with_star(accounts, points, programs):
     )
     assert list(renamed.earning_rules) == [rule]
     # `*` replaces everything, the rules included.
-    cleared = programs.UpdateProgram(
-        programs_pb2.UpdateProgramRequest(
-            program=PROGRAM(id=program.id, name="Star", currency="EUR", status=1),
-            update_mask=field_mask_pb2.FieldMask(paths=["*"]),
-        )
-    )
+    cleared = update_program(programs, program.id, ["*"], name="Star", currency="EUR", status=1)
     assert list(cleared.earning_rules) == []
     assert pay(points, program, customer, 1000).payment.outcome == NO_POINTS
 
@@ -424,12 +413,7 @@ def test_tiers_named_by_multipliers_cannot_be_removed(programs):
     )
     found = fails(
         programs.UpdateProgram,
-        programs_pb2.UpdateProgramRequest(
-            program=PROGRAM(
-                id=program.id, tiers=[programs_pb2.Tier(name="Gold", lifetime_points=500)]
-            ),
-            update_mask=field_mask_pb2.FieldMask(paths=["tiers"]),
-        ),
+        program_update(program.id, ["tiers"], tiers=support.tiers(("Gold", 500))),
         INVALID,
         "INVALID_ARGUMENT",
     )
@@ -442,10 +426,7 @@ def test_update_with_an_unknown_rule_id_is_invalid(programs):
     unknown = "rule_" + "Z" * 20
     found = fails(
         programs.UpdateProgram,
-        programs_pb2.UpdateProgramRequest(
-            program=PROGRAM(id=program.id, earning_rules=[per_unit("2", id=unknown)]),
-            update_mask=field_mask_pb2.FieldMask(paths=["earning_rules"]),
-        ),
+        program_update(program.id, ["earning_rules"], earning_rules=[per_unit("2", id=unknown)]),
         INVALID,
         "INVALID_ARGUMENT",
     )
@@ -454,11 +435,10 @@ def test_update_with_an_unknown_rule_id_is_invalid(programs):
     other = new_program(programs, per_unit("1"))
     found = fails(
         programs.UpdateProgram,
-        programs_pb2.UpdateProgramRequest(
-            program=PROGRAM(
-                id=program.id, earning_rules=[program.earning_rules[0], other.earning_rules[0]]
-            ),
-            update_mask=field_mask_pb2.FieldMask(paths=["earning_rules"]),
+        program_update(
+            program.id,
+            ["earning_rules"],
+            earning_rules=[program.earning_rules[0], other.earning_rules[0]],
         ),
         INVALID,
         "INVALID_ARGUMENT",
@@ -471,17 +451,15 @@ def test_update_with_a_multiplier_naming_no_tier_is_invalid(programs):
     program = new_program(programs, per_unit("1"), tiers=(("Silver", 100),))
     found = fails(
         programs.UpdateProgram,
-        programs_pb2.UpdateProgramRequest(
-            program=PROGRAM(
-                id=program.id,
-                earning_rules=[
-                    per_unit(
-                        "1",
-                        tier_multipliers=[programs_pb2.TierMultiplier(tier="Gold", multiplier="2")],
-                    )
-                ],
-            ),
-            update_mask=field_mask_pb2.FieldMask(paths=["earning_rules"]),
+        program_update(
+            program.id,
+            ["earning_rules"],
+            earning_rules=[
+                per_unit(
+                    "1",
+                    tier_multipliers=[programs_pb2.TierMultiplier(tier="Gold", multiplier="2")],
+                )
+            ],
         ),
         INVALID,
         "INVALID_ARGUMENT",
@@ -557,13 +535,8 @@ def _multiplier(tier: str, multiplier: str) -> list[programs_pb2.TierMultiplier]
 def test_rule_validation(programs, rules, field):
     found = fails(
         programs.CreateProgram,
-        programs_pb2.CreateProgramRequest(
-            program=PROGRAM(
-                name="Invalid rules",
-                currency="EUR",
-                tiers=[programs_pb2.Tier(name="Silver", lifetime_points=100)],
-                earning_rules=rules,
-            )
+        program_request(
+            name="Invalid rules", tiers=support.tiers(("Silver", 100)), earning_rules=rules
         ),
         INVALID,
         "INVALID_ARGUMENT",
@@ -680,25 +653,10 @@ def test_every_matching_rule_applies_in_the_program_order(accounts, points, prog
     member = enroll(accounts, program)
 
     inside = pay(points, program, member.customer, 1000, metadata={"k": "v"})
+    both = {"account": member.id, "payment_id": inside.payment.id, "metadata": {"k": "v"}}
     first, second = inside.points_transactions
-    assert_earn(
-        first,
-        account=member.id,
-        payment_id=inside.payment.id,
-        rule=promo,
-        amount=20,
-        points_after=20,
-        metadata={"k": "v"},
-    )
-    assert_earn(
-        second,
-        account=member.id,
-        payment_id=inside.payment.id,
-        rule=base,
-        amount=10,
-        points_after=30,
-        metadata={"k": "v"},
-    )
+    assert_earn(first, rule=promo, amount=20, points_after=20, **both)
+    assert_earn(second, rule=base, amount=10, points_after=30, **both)
 
     def rules_applied(moment: datetime) -> list[tuple[str, int]]:
         response = pay(points, program, member.customer, 1000, occurred_at=ts(moment))
@@ -823,12 +781,7 @@ def test_a_replay_is_the_first_response_after_the_program_changed_currency(
     request = payment(program, "", 1000)
     first = points.RecordPayment(request)
     assert first.payment.outcome == GUEST
-    programs.UpdateProgram(
-        programs_pb2.UpdateProgramRequest(
-            program=PROGRAM(id=program.id, currency="USD"),
-            update_mask=field_mask_pb2.FieldMask(paths=["currency"]),
-        )
-    )
+    update_program(programs, program.id, ["currency"], currency="USD")
     assert points.RecordPayment(request) == first
 
 
@@ -840,11 +793,8 @@ def test_replays_are_answered_from_the_record_whatever_changed(accounts, points,
     refund_req = refund_request(paid.payment.id, 500)
     refunded = points.RecordRefund(refund_req)
     accounts.CloseAccount(accounts_pb2.CloseAccountRequest(id=member.id))
-    programs.UpdateProgram(
-        programs_pb2.UpdateProgramRequest(
-            program=PROGRAM(id=program.id, status=ARCHIVED, earning_rules=[]),
-            update_mask=field_mask_pb2.FieldMask(paths=["status", "earning_rules"]),
-        )
+    update_program(
+        programs, program.id, ["status", "earning_rules"], status=ARCHIVED, earning_rules=[]
     )
     assert points.RecordPayment(paid_request) == paid
     assert points.RecordRefund(refund_req) == refunded
@@ -1063,12 +1013,7 @@ def test_not_enrolled_without_auto_enroll_and_the_outcome_is_kept(accounts, poin
 def test_an_archived_program_enrolls_no_one_but_its_members_earn(accounts, points, programs):
     program = new_program(programs, welcome(5), per_unit("1"), auto_enroll=True)
     member = enroll(accounts, program)
-    programs.UpdateProgram(
-        programs_pb2.UpdateProgramRequest(
-            program=PROGRAM(id=program.id, status=ARCHIVED),
-            update_mask=field_mask_pb2.FieldMask(paths=["status"]),
-        )
-    )
+    update_program(programs, program.id, ["status"], status=ARCHIVED)
     newcomer = unique()
     response = pay(points, program, newcomer, 1000)
     assert (response.payment.outcome, response.payment.enrolled) == (NOT_ENROLLED, False)
@@ -1189,24 +1134,15 @@ def test_unknown_program_records_nothing(accounts, points, programs):
     member = enroll(accounts, program)
     payment_id = unique("pay")
     missing = "prog_" + "q" * 20
-    found = fails(
-        points.RecordPayment,
-        payment(missing, member.customer, 1000, payment_id=payment_id),
-        NOT_FOUND,
-        "PROGRAM_NOT_FOUND",
-    )
+    unknown = payment(missing, member.customer, 1000, payment_id=payment_id)
+    found = fails(points.RecordPayment, unknown, NOT_FOUND, "PROGRAM_NOT_FOUND")
     assert found.metadata == {"program": missing}
     # The failed payment left nothing to refund.
     fails(points.RecordRefund, refund_request(payment_id, 10), NOT_FOUND, "PAYMENT_NOT_FOUND")
     fixed = pay(points, program, member.customer, 1000, payment_id=payment_id)
     assert fixed.account.balance == 10
     # Once recorded, the same id with a program that does not exist is a reuse, not a typo.
-    reused = fails(
-        points.RecordPayment,
-        payment(missing, member.customer, 1000, payment_id=payment_id),
-        INVALID,
-        "PAYMENT_ID_REUSED",
-    )
+    reused = fails(points.RecordPayment, unknown, INVALID, "PAYMENT_ID_REUSED")
     assert reused.metadata == {"payment": payment_id}
 
 
@@ -1351,25 +1287,26 @@ def test_refunds_reverse_in_proportion_down_to_zero(channel, accounts, points, p
         assert response.account.balance == balance
         return reversal
 
+    def exceeds(amount: int, refundable: int) -> None:
+        found = fails(
+            points.RecordRefund,
+            refund_request(payment_id, amount),
+            FAILED_PRECONDITION,
+            "REFUND_EXCEEDS_PAYMENT",
+        )
+        assert found.metadata == {
+            "payment": payment_id,
+            "refundable": str(refundable),
+            "requested": str(amount),
+        }
+
     first = refunded(250, 250, 2, 8)  # floor(10 x 250 / 1000) = 2
-    found = fails(
-        points.RecordRefund,
-        refund_request(payment_id, 751),
-        FAILED_PRECONDITION,
-        "REFUND_EXCEEDS_PAYMENT",
-    )
-    assert found.metadata == {"payment": payment_id, "refundable": "750", "requested": "751"}
+    exceeds(751, refundable=750)
     second = refunded(250, 500, 3, 5)  # floor(10 x 500 / 1000) = 5: 3 more
     third = refunded(500, 1000, 5, 0)
     assert first.amount + second.amount + third.amount == earn.amount
 
-    found = fails(
-        points.RecordRefund,
-        refund_request(payment_id, 1),
-        FAILED_PRECONDITION,
-        "REFUND_EXCEEDS_PAYMENT",
-    )
-    assert found.metadata == {"payment": payment_id, "refundable": "0", "requested": "1"}
+    exceeds(1, refundable=0)
     after = get(accounts, member.id)
     assert (after.balance, after.lifetime_points) == (0, 10)
     assert [e.snapshot for e in events_of(channel, member.id) if e.type == TX_CREATED] == [
@@ -1452,9 +1389,7 @@ def test_a_refund_racing_a_manual_reversal_reverses_at_most_the_earn(
         def attempt(i: int, earn=earn, paid=paid) -> None:
             try:
                 if i % 2:
-                    points.ReversePointsTransaction(
-                        points_pb2.ReversePointsTransactionRequest(id=earn.id)
-                    )
+                    reverse(points, earn.id)
                 else:
                     refund(points, paid.payment.id, 500)
             except grpc.RpcError as error:
@@ -1518,9 +1453,7 @@ def test_a_refund_counts_manual_reversals(accounts, points, programs):
     member = enroll(accounts, program)
     paid = pay(points, program, member.customer, 1000)
     (earn,) = paid.points_transactions
-    points.ReversePointsTransaction(
-        points_pb2.ReversePointsTransactionRequest(id=earn.id, amount=3)
-    )
+    reverse(points, earn.id, amount=3)
 
     assert [t.amount for t in refund(points, paid.payment.id, 500).points_transactions] == [2]
     assert [t.amount for t in refund(points, paid.payment.id, 100).points_transactions] == [1]

@@ -2,26 +2,36 @@
 
 from __future__ import annotations
 
-import grpc
-
-from loyalty_service.pb import points_pb2
+from loyalty_service.pb import accounts_pb2, points_pb2
 from tests.support import (
     ADJUST,
     CREDIT,
     DEBIT,
     EARN,
     EXPIRE,
+    FAILED_PRECONDITION,
+    NOT_FOUND,
     REDEEM,
     REVERSE,
+    Failure,
     create_account,
     fails,
     funded_account,
     get,
     post,
+    reverse,
 )
 
-FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
 Origin = points_pb2.Origin
+
+
+def reversal_fails(points, transaction_id: str, reason: str, **fields) -> Failure:
+    return fails(
+        points.ReversePointsTransaction,
+        points_pb2.ReversePointsTransactionRequest(id=transaction_id, **fields),
+        FAILED_PRECONDITION,
+        reason,
+    )
 
 
 def test_earn_and_redeem_move_balance_and_lifetime(accounts, points):
@@ -81,21 +91,14 @@ def test_debits_never_go_below_zero(accounts, points):
 def test_full_and_partial_reversals(accounts, points):
     account = create_account(accounts)
     earned = post(points, account.id, EARN, 100)
-    partial = points.ReversePointsTransaction(
-        points_pb2.ReversePointsTransactionRequest(id=earned.id, amount=30, reason="refund")
-    )
+    partial = reverse(points, earned.id, amount=30, reason="refund")
     assert (partial.type, partial.direction, partial.amount) == (REVERSE, DEBIT, 30)
     assert (partial.reverses, partial.points_after, partial.reason) == (earned.id, 70, "refund")
 
-    rest = points.ReversePointsTransaction(points_pb2.ReversePointsTransactionRequest(id=earned.id))
+    rest = reverse(points, earned.id)
     assert (rest.amount, rest.points_after) == (70, 0)
 
-    found = fails(
-        points.ReversePointsTransaction,
-        points_pb2.ReversePointsTransactionRequest(id=earned.id, amount=1),
-        FAILED_PRECONDITION,
-        "ALREADY_REVERSED",
-    )
+    found = reversal_fails(points, earned.id, "ALREADY_REVERSED", amount=1)
     assert (found.metadata["reversible"], found.metadata["requested"]) == ("0", "1")
     after = get(accounts, account.id)
     assert (after.balance, after.lifetime_points) == (0, 100), "lifetime never decreases"
@@ -104,15 +107,8 @@ def test_full_and_partial_reversals(accounts, points):
 def test_reversal_beyond_remaining_amount(accounts, points):
     account = create_account(accounts)
     earned = post(points, account.id, EARN, 50)
-    points.ReversePointsTransaction(
-        points_pb2.ReversePointsTransactionRequest(id=earned.id, amount=40)
-    )
-    found = fails(
-        points.ReversePointsTransaction,
-        points_pb2.ReversePointsTransactionRequest(id=earned.id, amount=11),
-        FAILED_PRECONDITION,
-        "ALREADY_REVERSED",
-    )
+    reverse(points, earned.id, amount=40)
+    found = reversal_fails(points, earned.id, "ALREADY_REVERSED", amount=11)
     assert (found.metadata["reversible"], found.metadata["requested"]) == ("10", "11")
     assert get(accounts, account.id).balance == 10
 
@@ -120,9 +116,7 @@ def test_reversal_beyond_remaining_amount(accounts, points):
 def test_reversing_a_redeem_restores_balance_only(accounts, points):
     account = funded_account(accounts, points, 100)
     redeemed = post(points, account.id, REDEEM, 60)
-    reversal = points.ReversePointsTransaction(
-        points_pb2.ReversePointsTransactionRequest(id=redeemed.id)
-    )
+    reversal = reverse(points, redeemed.id)
     assert (reversal.direction, reversal.amount, reversal.points_after) == (CREDIT, 60, 100)
     after = get(accounts, account.id)
     assert (after.balance, after.lifetime_points) == (100, 100)
@@ -132,9 +126,7 @@ def test_reversal_of_spent_points_may_leave_a_negative_balance(accounts, points)
     account = create_account(accounts)
     earned = post(points, account.id, EARN, 100)
     post(points, account.id, REDEEM, 80)
-    reversal = points.ReversePointsTransaction(
-        points_pb2.ReversePointsTransactionRequest(id=earned.id)
-    )
+    reversal = reverse(points, earned.id)
     assert (reversal.amount, reversal.points_after) == (100, -80)
     assert get(accounts, account.id).balance == -80
     # A negative balance blocks further debits until it is earned back.
@@ -149,41 +141,23 @@ def test_reversal_of_spent_points_may_leave_a_negative_balance(accounts, points)
 def test_a_reversal_cannot_be_reversed(accounts, points):
     account = create_account(accounts)
     earned = post(points, account.id, EARN, 10)
-    reversal = points.ReversePointsTransaction(
-        points_pb2.ReversePointsTransactionRequest(id=earned.id)
-    )
-    fails(
-        points.ReversePointsTransaction,
-        points_pb2.ReversePointsTransactionRequest(id=reversal.id),
-        FAILED_PRECONDITION,
-        "NOT_REVERSIBLE",
-    )
+    reversal = reverse(points, earned.id)
+    reversal_fails(points, reversal.id, "NOT_REVERSIBLE")
 
 
 def test_reversal_on_a_closed_account(accounts, points):
-    from loyalty_service.pb import accounts_pb2
-
     account = create_account(accounts)
     earned = post(points, account.id, EARN, 10)
     accounts.CloseAccount(accounts_pb2.CloseAccountRequest(id=account.id))
-    fails(
-        points.ReversePointsTransaction,
-        points_pb2.ReversePointsTransactionRequest(id=earned.id),
-        FAILED_PRECONDITION,
-        "ACCOUNT_NOT_ACTIVE",
-    )
+    reversal_fails(points, earned.id, "ACCOUNT_NOT_ACTIVE")
 
 
 def test_reversal_after_merge_lands_on_the_survivor(accounts, points):
-    from loyalty_service.pb import accounts_pb2
-
     source = create_account(accounts)
     earned = post(points, source.id, EARN, 40)
     target = funded_account(accounts, points, 10)
     accounts.MergeAccounts(accounts_pb2.MergeAccountsRequest(source=source.id, target=target.id))
-    reversal = points.ReversePointsTransaction(
-        points_pb2.ReversePointsTransactionRequest(id=earned.id, amount=15)
-    )
+    reversal = reverse(points, earned.id, amount=15)
     assert (reversal.account, reversal.points_after) == (target.id, 35)
     moved = points.GetPointsTransaction(points_pb2.GetPointsTransactionRequest(id=earned.id))
     assert (moved.account, moved.original_account, moved.points_after) == (
@@ -194,24 +168,17 @@ def test_reversal_after_merge_lands_on_the_survivor(accounts, points):
 
 
 def test_unknown_transaction_is_not_found(points):
-    missing = "ptx_" + "Q" * 20
-    found = fails(
-        points.GetPointsTransaction,
-        points_pb2.GetPointsTransactionRequest(id=missing),
-        grpc.StatusCode.NOT_FOUND,
-        "POINTS_TRANSACTION_NOT_FOUND",
-    )
-    assert found.metadata == {"pointsTransaction": missing}
+    # GetPointsTransaction: tests/api/test_accounts.py::test_an_unknown_id_is_not_found.
     fails(
         points.ReversePointsTransaction,
-        points_pb2.ReversePointsTransactionRequest(id=missing),
-        grpc.StatusCode.NOT_FOUND,
+        points_pb2.ReversePointsTransactionRequest(id="ptx_" + "Q" * 20),
+        NOT_FOUND,
         "POINTS_TRANSACTION_NOT_FOUND",
     )
     fails(
         points.CreatePointsTransaction,
         points_pb2.CreatePointsTransactionRequest(account="loy_" + "Q" * 20, type=EARN, amount=1),
-        grpc.StatusCode.NOT_FOUND,
+        NOT_FOUND,
         "ACCOUNT_NOT_FOUND",
     )
 

@@ -19,47 +19,36 @@ from loyalty_service import db
 from loyalty_service.pb import (
     accounts_pb2,
     events_pb2,
-    events_pb2_grpc,
     programs_pb2,
-    programs_pb2_grpc,
 )
-from tests.support import ACTIVE, CLOSED, EARN, MERGED, fails, get, grpcurl, post, unique
+from tests.support import (
+    ACTIVE,
+    ALREADY_EXISTS,
+    CLOSED,
+    EARN,
+    FAILED_PRECONDITION,
+    INVALID,
+    MERGED,
+    NOT_FOUND,
+    Stubs,
+    create_account,
+    create_program,
+    fails,
+    get,
+    grpcurl,
+    post,
+    program_request,
+    program_update,
+    tiers,
+    unique,
+    update_program,
+)
 
 PROGRAM = programs_pb2.Program
-TIER = programs_pb2.Tier
 P_ACTIVE, P_ARCHIVED = PROGRAM.STATUS_ACTIVE, PROGRAM.STATUS_ARCHIVED
-INVALID = grpc.StatusCode.INVALID_ARGUMENT
-NOT_FOUND = grpc.StatusCode.NOT_FOUND
-FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
-ALREADY_EXISTS = grpc.StatusCode.ALREADY_EXISTS
 BAD_ID = "is not a valid id (expected ^prog_[A-Za-z0-9_]{1,60}$)"
 BAD_CURRENCY = "must be an ISO 4217 code: three uppercase letters"
 UPDATABLE = "updatable: name, currency, auto_enroll, tiers, earning_rules, status"
-
-
-def tiers(*pairs: tuple[str, int]) -> list[programs_pb2.Tier]:
-    return [TIER(name=name, lifetime_points=points) for name, points in pairs]
-
-
-def create(programs, program_id: str = "", **fields) -> programs_pb2.Program:
-    request_id = fields.pop("request_id", "")
-    fields.setdefault("name", "Coffee club")
-    fields.setdefault("currency", "EUR")
-    return programs.CreateProgram(
-        programs_pb2.CreateProgramRequest(
-            program=PROGRAM(**fields), program_id=program_id, request_id=request_id
-        )
-    )
-
-
-def update(programs, program_id: str, paths: list[str] | None = None, request_id="", **fields):
-    return programs.UpdateProgram(
-        programs_pb2.UpdateProgramRequest(
-            program=PROGRAM(id=program_id, **fields),
-            update_mask=field_mask_pb2.FieldMask(paths=paths or []),
-            request_id=request_id,
-        )
-    )
 
 
 def get_program(programs, program_id: str) -> programs_pb2.Program:
@@ -67,9 +56,7 @@ def get_program(programs, program_id: str) -> programs_pb2.Program:
 
 
 def enroll(accounts, program: str, **fields) -> accounts_pb2.Account:
-    return accounts.CreateAccount(
-        accounts_pb2.CreateAccountRequest(program=program, customer=unique(), **fields)
-    )
+    return create_account(accounts, program=program, **fields)
 
 
 # -- create and get ---------------------------------------------------------------------
@@ -77,7 +64,7 @@ def enroll(accounts, program: str, **fields) -> accounts_pb2.Account:
 
 def test_create_with_program_id(programs):
     program_id = unique("prog")
-    created = create(
+    created = create_program(
         programs,
         program_id,
         name="Coffee club",
@@ -104,18 +91,18 @@ def test_create_with_program_id(programs):
 
 
 def test_create_generates_an_id_and_defaults(programs):
-    created = create(programs, name="Generated", currency="JPY", id="prog_ignored")
+    created = create_program(programs, name="Generated", currency="JPY", id="prog_ignored")
 
     assert re.fullmatch(r"prog_[A-Za-z0-9]{20}", created.id), created.id
     assert (created.name, created.currency, created.auto_enroll) == ("Generated", "JPY", False)
     assert list(created.tiers) == []
     assert created.status == P_ACTIVE
     assert get_program(programs, created.id) == created
-    assert create(programs, name="Generated", currency="JPY").id != created.id
+    assert create_program(programs, name="Generated", currency="JPY").id != created.id
 
 
 def test_create_archived(programs, accounts):
-    created = create(programs, status=P_ARCHIVED)
+    created = create_program(programs, status=P_ARCHIVED)
     assert created.status == P_ARCHIVED
     found = fails(
         accounts.CreateAccount,
@@ -140,12 +127,10 @@ def test_default_program_from_the_migration(programs):
 
 def test_duplicate_id_is_already_exists(programs):
     program_id = unique("prog")
-    first = create(programs, program_id, name="First")
+    first = create_program(programs, program_id, name="First")
     found = fails(
         programs.CreateProgram,
-        programs_pb2.CreateProgramRequest(
-            program=PROGRAM(name="Second", currency="USD"), program_id=program_id
-        ),
+        program_request(program_id, name="Second", currency="USD"),
         ALREADY_EXISTS,
         "PROGRAM_ALREADY_EXISTS",
     )
@@ -153,9 +138,7 @@ def test_duplicate_id_is_already_exists(programs):
     assert get_program(programs, program_id) == first
     found = fails(
         programs.CreateProgram,
-        programs_pb2.CreateProgramRequest(
-            program=PROGRAM(name="Again", currency="USD"), program_id="prog_default"
-        ),
+        program_request("prog_default", name="Again", currency="USD"),
         ALREADY_EXISTS,
         "PROGRAM_ALREADY_EXISTS",
     )
@@ -166,33 +149,22 @@ def test_duplicate_id_is_already_exists(programs):
 def test_create_retry_returns_the_first_response(programs, program_id):
     program_id = unique("prog") if program_id else ""
     request_id = unique("req")
-    first = create(programs, program_id, name="Retried", request_id=request_id)
-    again = create(programs, program_id, name="Retried", request_id=request_id)
+    first = create_program(programs, program_id, name="Retried", request_id=request_id)
+    again = create_program(programs, program_id, name="Retried", request_id=request_id)
 
     assert again == first
     assert get_program(programs, first.id) == first
     found = fails(
         programs.CreateProgram,
-        programs_pb2.CreateProgramRequest(
-            program=PROGRAM(name="Other name", currency="EUR"),
-            program_id=program_id,
-            request_id=request_id,
-        ),
+        program_request(program_id, request_id, name="Other name", currency="EUR"),
         INVALID,
         "REQUEST_ID_REUSED",
     )
     assert found.metadata == {"requestId": request_id}
 
 
-def test_get_unknown_and_malformed(programs):
-    missing = "prog_" + "x" * 20
-    found = fails(
-        programs.GetProgram,
-        programs_pb2.GetProgramRequest(id=missing),
-        NOT_FOUND,
-        "PROGRAM_NOT_FOUND",
-    )
-    assert found.metadata == {"program": missing}
+def test_get_malformed(programs):
+    # An unknown id: tests/api/test_accounts.py::test_an_unknown_id_is_not_found.
     for bad, description in [("", "is required"), ("loy_abc", BAD_ID), ("prog_a-b", BAD_ID)]:
         found = fails(
             programs.GetProgram, programs_pb2.GetProgramRequest(id=bad), INVALID, "INVALID_ARGUMENT"
@@ -273,7 +245,7 @@ def test_create_validation(programs, program_id, fields, violations):
     fields = {"name": "Valid", "currency": "EUR", **fields}
     found = fails(
         programs.CreateProgram,
-        programs_pb2.CreateProgramRequest(program=PROGRAM(**fields), program_id=program_id),
+        program_request(program_id, **fields),
         INVALID,
         "INVALID_ARGUMENT",
     )
@@ -284,14 +256,12 @@ def test_create_validation(programs, program_id, fields, violations):
 def test_create_validation_names_every_problem(programs):
     found = fails(
         programs.CreateProgram,
-        programs_pb2.CreateProgramRequest(
-            program=PROGRAM(
-                name="",
-                currency="xx",
-                tiers=tiers(("A", 5), ("A", 5), ("", -2)),
-            ),
+        program_request(
             program_id="nope",
             request_id="r" * 101,
+            name="",
+            currency="xx",
+            tiers=tiers(("A", 5), ("A", 5), ("", -2)),
         ),
         INVALID,
         "INVALID_ARGUMENT",
@@ -309,7 +279,7 @@ def test_create_validation_names_every_problem(programs):
 
 
 def test_twenty_tiers_are_allowed(programs):
-    created = create(programs, tiers=tiers(*[(f"T{i}", i * 10) for i in range(20)]))
+    created = create_program(programs, tiers=tiers(*[(f"T{i}", i * 10) for i in range(20)]))
     assert [(t.name, t.lifetime_points) for t in created.tiers] == [
         (f"T{i}", i * 10) for i in range(20)
     ]
@@ -322,11 +292,11 @@ def test_list_pages_and_filters(databases, start_replica):
     """On a database of its own, so that the list holds exactly what this test made."""
     replica = start_replica(databases.create())
     with grpc.insecure_channel(replica.address) as channel:
-        programs = programs_pb2_grpc.LoyaltyProgramsStub(channel)
-        events = events_pb2_grpc.LoyaltyEventsStub(channel)
-        made = [create(programs, f"prog_p{i}", name=f"P{i}") for i in range(5)]
-        update(programs, "prog_p1", ["status"], status=P_ARCHIVED)
-        update(programs, "prog_p3", ["status"], status=P_ARCHIVED)
+        stubs = Stubs(channel)
+        programs, events = stubs.programs, stubs.events
+        made = [create_program(programs, f"prog_p{i}", name=f"P{i}") for i in range(5)]
+        update_program(programs, "prog_p1", ["status"], status=P_ARCHIVED)
+        update_program(programs, "prog_p3", ["status"], status=P_ARCHIVED)
 
         def page(**fields) -> programs_pb2.ListProgramsResponse:
             return programs.ListPrograms(programs_pb2.ListProgramsRequest(**fields))
@@ -406,9 +376,9 @@ def test_list_pages_and_filters(databases, start_replica):
 
 
 def test_update_each_path(programs):
-    program = create(programs, name="Before", currency="EUR", tiers=tiers(("Base", 0)))
+    program = create_program(programs, name="Before", currency="EUR", tiers=tiers(("Base", 0)))
 
-    renamed = update(programs, program.id, ["name"], name="After", currency="XXX")
+    renamed = update_program(programs, program.id, ["name"], name="After", currency="XXX")
     assert (renamed.name, renamed.currency) == ("After", "EUR")  # only the mask's paths
     assert renamed.create_time == program.create_time
     assert (renamed.update_time.seconds, renamed.update_time.nanos) > (
@@ -416,16 +386,20 @@ def test_update_each_path(programs):
         program.update_time.nanos,
     )
 
-    assert update(programs, program.id, ["currency"], currency="GBP").currency == "GBP"
-    assert update(programs, program.id, ["auto_enroll"], auto_enroll=True).auto_enroll is True
-    assert update(programs, program.id, ["auto_enroll"]).auto_enroll is False
+    assert update_program(programs, program.id, ["currency"], currency="GBP").currency == "GBP"
+    assert (
+        update_program(programs, program.id, ["auto_enroll"], auto_enroll=True).auto_enroll is True
+    )
+    assert update_program(programs, program.id, ["auto_enroll"]).auto_enroll is False
 
-    tiered = update(programs, program.id, ["tiers"], tiers=tiers(("Silver", 10), ("Gold", 20)))
+    tiered = update_program(
+        programs, program.id, ["tiers"], tiers=tiers(("Silver", 10), ("Gold", 20))
+    )
     assert [(t.name, t.lifetime_points) for t in tiered.tiers] == [("Silver", 10), ("Gold", 20)]
-    assert list(update(programs, program.id, ["tiers"]).tiers) == []
+    assert list(update_program(programs, program.id, ["tiers"]).tiers) == []
 
-    assert update(programs, program.id, ["status"], status=P_ARCHIVED).status == P_ARCHIVED
-    final = update(programs, program.id, ["status"], status=P_ACTIVE)
+    assert update_program(programs, program.id, ["status"], status=P_ARCHIVED).status == P_ARCHIVED
+    final = update_program(programs, program.id, ["status"], status=P_ACTIVE)
     assert final.status == P_ACTIVE
     assert (final.name, final.currency, final.auto_enroll, list(final.tiers)) == (
         "After",
@@ -437,13 +411,13 @@ def test_update_each_path(programs):
 
 
 def test_update_without_mask_takes_the_fields_that_are_set(programs):
-    program = create(programs, name="Plain", currency="EUR", tiers=tiers(("Base", 0)))
+    program = create_program(programs, name="Plain", currency="EUR", tiers=tiers(("Base", 0)))
 
-    renamed = update(programs, program.id, name="Renamed")
+    renamed = update_program(programs, program.id, name="Renamed")
     assert (renamed.name, renamed.currency, renamed.auto_enroll) == ("Renamed", "EUR", False)
     assert [(t.name, t.lifetime_points) for t in renamed.tiers] == [("Base", 0)]
 
-    changed = update(
+    changed = update_program(
         programs,
         program.id,
         currency="CHF",
@@ -461,8 +435,10 @@ def test_update_without_mask_takes_the_fields_that_are_set(programs):
 
 
 def test_update_star_replaces_everything(programs):
-    program = create(programs, auto_enroll=True, tiers=tiers(("Base", 0)))
-    replaced = update(programs, program.id, ["*"], name="Star", currency="SEK", status=P_ACTIVE)
+    program = create_program(programs, auto_enroll=True, tiers=tiers(("Base", 0)))
+    replaced = update_program(
+        programs, program.id, ["*"], name="Star", currency="SEK", status=P_ACTIVE
+    )
     assert (replaced.name, replaced.currency, replaced.auto_enroll, list(replaced.tiers)) == (
         "Star",
         "SEK",
@@ -472,7 +448,7 @@ def test_update_star_replaces_everything(programs):
 
 
 def test_update_mask_and_field_errors(programs):
-    program = create(programs)
+    program = create_program(programs)
 
     def invalid(paths, **fields) -> dict[str, str]:
         found = fails(
@@ -514,13 +490,10 @@ def test_update_mask_and_field_errors(programs):
 
 
 def test_update_mask_lists_every_unknown_path(programs):
-    program = create(programs)
+    program = create_program(programs)
     found = fails(
         programs.UpdateProgram,
-        programs_pb2.UpdateProgramRequest(
-            program=PROGRAM(id=program.id, name="x"),
-            update_mask=field_mask_pb2.FieldMask(paths=["name", "rules", "create_time"]),
-        ),
+        program_update(program.id, ["name", "rules", "create_time"], name="x"),
         INVALID,
         "INVALID_ARGUMENT",
     )
@@ -532,70 +505,53 @@ def test_update_mask_lists_every_unknown_path(programs):
 
 
 def test_update_retry_returns_the_first_response(programs):
-    program = create(programs)
+    program = create_program(programs)
     request_id = unique("req")
-    first = update(programs, program.id, ["name"], request_id=request_id, name="Once")
-    update(programs, program.id, ["name"], name="Later")
-    again = update(programs, program.id, ["name"], request_id=request_id, name="Once")
+    first = update_program(programs, program.id, ["name"], request_id=request_id, name="Once")
+    update_program(programs, program.id, ["name"], name="Later")
+    again = update_program(programs, program.id, ["name"], request_id=request_id, name="Once")
 
     assert again == first
     assert get_program(programs, program.id).name == "Later"
     found = fails(
         programs.UpdateProgram,
-        programs_pb2.UpdateProgramRequest(
-            program=PROGRAM(id=program.id, name="Twice"),
-            update_mask=field_mask_pb2.FieldMask(paths=["name"]),
-            request_id=request_id,
-        ),
+        program_update(program.id, ["name"], request_id, name="Twice"),
         INVALID,
         "REQUEST_ID_REUSED",
     )
     assert found.metadata == {"requestId": request_id}
 
 
-def test_currency_is_locked_once_an_account_exists(programs, accounts):
-    program = create(programs, currency="EUR")
-    assert update(programs, program.id, ["currency"], currency="GBP").currency == "GBP"
+@pytest.mark.parametrize("closed", [False, True], ids=["active", "closed"])
+def test_currency_is_locked_once_an_account_exists(programs, accounts, closed):
+    program = create_program(programs, currency="EUR")
+    assert update_program(programs, program.id, ["currency"], currency="GBP").currency == "GBP"
 
-    enroll(accounts, program.id)
+    account = enroll(accounts, program.id)
+    if closed:  # a closed account locks it too
+        accounts.CloseAccount(accounts_pb2.CloseAccountRequest(id=account.id))
     found = fails(
         programs.UpdateProgram,
-        programs_pb2.UpdateProgramRequest(
-            program=PROGRAM(id=program.id, currency="USD"),
-            update_mask=field_mask_pb2.FieldMask(paths=["currency"]),
-        ),
+        program_update(program.id, ["currency"], currency="USD"),
         FAILED_PRECONDITION,
         "CURRENCY_LOCKED",
     )
     assert found.metadata == {"program": program.id, "currency": "GBP", "requested": "USD"}
     # The same currency is no change; the other fields stay updatable.
-    same = update(programs, program.id, ["currency", "name"], currency="GBP", name="Renamed")
+    same = update_program(
+        programs, program.id, ["currency", "name"], currency="GBP", name="Renamed"
+    )
     assert (same.currency, same.name) == ("GBP", "Renamed")
     assert get_program(programs, program.id).currency == "GBP"
 
 
-def test_currency_locked_by_a_closed_account_too(programs, accounts):
-    program = create(programs, currency="EUR")
-    account = enroll(accounts, program.id)
-    accounts.CloseAccount(accounts_pb2.CloseAccountRequest(id=account.id))
-    fails(
-        programs.UpdateProgram,
-        programs_pb2.UpdateProgramRequest(
-            program=PROGRAM(id=program.id, currency="USD"),
-            update_mask=field_mask_pb2.FieldMask(paths=["currency"]),
-        ),
-        FAILED_PRECONDITION,
-        "CURRENCY_LOCKED",
-    )
-
-
 def test_archived_program_takes_no_new_accounts(programs, accounts, points):
-    program = create(programs)
+    program = create_program(programs)
     member = enroll(accounts, program.id)
     duplicate = enroll(accounts, program.id)
     post(points, member.id, EARN, 100)
 
-    archived = update(programs, program.id, ["status"], status=P_ARCHIVED)
+    archived = update_program(programs, program.id, ["status"], status=P_ARCHIVED)
     assert archived.status == P_ARCHIVED
     found = fails(
         accounts.CreateAccount,
@@ -615,19 +571,19 @@ def test_archived_program_takes_no_new_accounts(programs, accounts, points):
     assert accounts.CloseAccount(accounts_pb2.CloseAccountRequest(id=member.id)).status == CLOSED
     assert accounts.ReopenAccount(accounts_pb2.ReopenAccountRequest(id=member.id)).status == ACTIVE
 
-    update(programs, program.id, ["status"], status=P_ACTIVE)
+    update_program(programs, program.id, ["status"], status=P_ACTIVE)
     assert enroll(accounts, program.id).program == program.id
 
 
 def test_concurrent_updates_leave_a_consistent_program(programs):
     """20 threads: half change the tiers, half the name; the row lock serializes them, so the
     result holds the last of each and nothing is lost or mixed."""
-    program = create(programs, name="Start", tiers=tiers(("Base", 0)))
+    program = create_program(programs, name="Start", tiers=tiers(("Base", 0)))
 
     def change(i: int) -> tuple[int, programs_pb2.Program]:
         if i % 2:
-            return i, update(programs, program.id, ["name"], name=f"Name {i}")
-        return i, update(
+            return i, update_program(programs, program.id, ["name"], name=f"Name {i}")
+        return i, update_program(
             programs, program.id, ["tiers"], tiers=tiers((f"A{i}", i), (f"B{i}", 100 + i))
         )
 

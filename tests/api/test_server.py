@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,8 +22,18 @@ from sqlalchemy.engine import make_url
 
 from loyalty_service import db
 from loyalty_service.pb import accounts_pb2, accounts_pb2_grpc, points_pb2, points_pb2_grpc
-from tests.conftest import ROOT, libpq_url
-from tests.support import EARN, GRPCURL, failure, funded_account, get, grpcurl, unique, wait_for
+from tests.conftest import cli, libpq_url, run_cli
+from tests.support import (
+    EARN,
+    GRPCURL,
+    Stubs,
+    failure,
+    funded_account,
+    get,
+    grpcurl,
+    unique,
+    wait_for,
+)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -177,22 +186,12 @@ def test_check_command_exits_non_zero_on_a_violation(databases, start_replica):
     env = {**os.environ, "LOYALTY_DATABASE_URL": url}
 
     def check() -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "loyalty_service", "check"],
-            env=env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        return run_cli("check", env, capture_output=True, timeout=60)
 
     replica = start_replica(url)
     with grpc.insecure_channel(replica.address) as channel:
-        stubs = (
-            accounts_pb2_grpc.LoyaltyAccountsStub(channel),
-            points_pb2_grpc.PointsLedgerStub(channel),
-        )
-        account = funded_account(*stubs, 100)
+        stubs = Stubs(channel)
+        account = funded_account(stubs.accounts, stubs.points, 100)
     replica.stop()
 
     clean = check()
@@ -235,14 +234,7 @@ def test_replicas_migrate_one_at_a_time(postgres_server_url):
             # While someone holds the migration lock, every replica waits for it.
             holder.execute("SELECT pg_advisory_lock(%s)", [MIGRATION_LOCK_ID])
             runs += [
-                subprocess.Popen(
-                    [sys.executable, "-m", "loyalty_service", "migrate"],
-                    env=env,
-                    cwd=ROOT,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    text=True,
-                )
+                cli("migrate", env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
                 for _ in range(3)
             ]
             time.sleep(4)

@@ -10,35 +10,36 @@ import psycopg
 import pytest
 from alembic import command
 from alembic.config import Config
-from google.protobuf import field_mask_pb2
 
 from loyalty_service import db
-from loyalty_service.pb import accounts_pb2, points_pb2, programs_pb2
+from loyalty_service.pb import accounts_pb2
 from tests.events_support import account_events, all_events, event_of
-from tests.support import ADJUST, CREDIT, EARN, REDEEM, get, post, unique
+from tests.support import (
+    ADJUST,
+    CREDIT,
+    EARN,
+    REDEEM,
+    create_account,
+    create_program,
+    get,
+    post,
+    reverse,
+    tiers,
+    unique,
+    update_program,
+)
 
 TIER_CHANGED = "loyalty.account.tier_changed"
 CREATED = "points_transaction.created"
 
 
 def tiered_program(programs, *pairs: tuple[str, int]) -> str:
-    program = programs.CreateProgram(
-        programs_pb2.CreateProgramRequest(
-            program=programs_pb2.Program(
-                name="Tiered",
-                currency="EUR",
-                tiers=[programs_pb2.Tier(name=n, lifetime_points=p) for n, p in pairs],
-            )
-        )
-    )
-    return program.id
+    return create_program(programs, name="Tiered", tiers=tiers(*pairs)).id
 
 
 def member(accounts, programs) -> accounts_pb2.Account:
     program = tiered_program(programs, ("silver", 100), ("gold", 500), ("platinum", 2000))
-    return accounts.CreateAccount(
-        accounts_pb2.CreateAccountRequest(program=program, customer=unique())
-    )
+    return create_account(accounts, program=program)
 
 
 def events_of(channel, account: str) -> list:
@@ -90,12 +91,12 @@ def test_redeems_and_reversals_never_demote(accounts, points, programs, assert_i
     earned = post(points, a.id, EARN, 600)
     redeemed = post(points, a.id, REDEEM, 550)
     assert get(accounts, a.id).tier == "gold"
-    points.ReversePointsTransaction(points_pb2.ReversePointsTransactionRequest(id=earned.id))
+    reverse(points, earned.id)
     # The reversal leaves a negative balance; lifetime points and the tier stay.
     after = get(accounts, a.id)
     assert (after.balance, after.lifetime_points, after.tier) == (-550, 600, "gold")
     # Reversing a redeem is a credit, but not one that counts towards lifetime points.
-    points.ReversePointsTransaction(points_pb2.ReversePointsTransactionRequest(id=redeemed.id))
+    reverse(points, redeemed.id)
     assert get(accounts, a.id).tier == "gold"
     assert_invariants()
 
@@ -103,18 +104,7 @@ def test_redeems_and_reversals_never_demote(accounts, points, programs, assert_i
 def test_raised_thresholds_keep_the_tier_reached(accounts, points, programs):
     a = member(accounts, programs)
     post(points, a.id, EARN, 600)
-    programs.UpdateProgram(
-        programs_pb2.UpdateProgramRequest(
-            program=programs_pb2.Program(
-                id=a.program,
-                tiers=[
-                    programs_pb2.Tier(name="silver", lifetime_points=1000),
-                    programs_pb2.Tier(name="gold", lifetime_points=5000),
-                ],
-            ),
-            update_mask=field_mask_pb2.FieldMask(paths=["tiers"]),
-        )
-    )
+    update_program(programs, a.program, ["tiers"], tiers=tiers(("silver", 1000), ("gold", 5000)))
     post(points, a.id, EARN, 500)  # 1100: reaches silver, which ranks below gold
     assert get(accounts, a.id).tier == "gold"
 
@@ -268,18 +258,7 @@ def test_migration_0004_admits_tier_changed_events_and_goes_down_again(databases
 def test_a_removed_tier_is_kept_until_a_threshold_is_crossed(accounts, points, programs):
     a = member(accounts, programs)
     post(points, a.id, EARN, 600)  # gold
-    programs.UpdateProgram(
-        programs_pb2.UpdateProgramRequest(
-            program=programs_pb2.Program(
-                id=a.program,
-                tiers=[
-                    programs_pb2.Tier(name="silver", lifetime_points=100),
-                    programs_pb2.Tier(name="platinum", lifetime_points=2000),
-                ],
-            ),
-            update_mask=field_mask_pb2.FieldMask(paths=["tiers"]),
-        )
-    )
+    update_program(programs, a.program, ["tiers"], tiers=tiers(("silver", 100), ("platinum", 2000)))
     post(points, a.id, EARN, 1)  # 601: silver's threshold is below, but it crossed none
     assert get(accounts, a.id).tier == "gold"
     post(points, a.id, EARN, 1399)  # 2000: crosses platinum's

@@ -124,29 +124,33 @@ def test_a_stream_may_start_from_just_before_the_oldest_event_to_the_newest(afte
     assert domain.events.check_position(after, oldest=oldest, newest=newest) is None
 
 
+def refused_start(after: int, oldest: int, newest: int, error: type) -> domain.errors.OutOfRange:
+    """What check_position raises for this start: an `error`, which is an OutOfRange."""
+    with pytest.raises(error) as caught:
+        domain.events.check_position(after, oldest=oldest, newest=newest)
+    assert isinstance(caught.value, domain.errors.OutOfRange)
+    return caught.value
+
+
 @pytest.mark.parametrize(
     ("after", "oldest", "newest"),
     [(3, 5, 9), (0, 5, 9), (8, 10, 9), (0, 2, 5)],
 )
 def test_a_position_whose_next_events_were_pruned_has_expired(after, oldest, newest):
-    with pytest.raises(domain.errors.EventPositionExpired) as expired:
-        domain.events.check_position(after, oldest=oldest, newest=newest)
-    assert isinstance(expired.value, domain.errors.OutOfRange)
-    assert expired.value.reason == "EVENT_POSITION_EXPIRED"
-    assert expired.value.metadata == {"position": str(after), "oldestPosition": str(oldest)}
-    assert expired.value.message == (
+    expired = refused_start(after, oldest, newest, domain.errors.EventPositionExpired)
+    assert expired.reason == "EVENT_POSITION_EXPIRED"
+    assert expired.metadata == {"position": str(after), "oldestPosition": str(oldest)}
+    assert expired.message == (
         f"events after position {after} are no longer retained; the oldest retained is {oldest}"
     )
 
 
 @pytest.mark.parametrize(("after", "oldest", "newest"), [(10, 5, 9), (1, 1, 0), (10**12, 1, 5)])
 def test_a_position_past_the_newest_event_is_ahead(after, oldest, newest):
-    with pytest.raises(domain.errors.EventPositionAhead) as ahead:
-        domain.events.check_position(after, oldest=oldest, newest=newest)
-    assert isinstance(ahead.value, domain.errors.OutOfRange)
-    assert ahead.value.reason == "EVENT_POSITION_AHEAD"
-    assert ahead.value.metadata == {"position": str(after), "newestPosition": str(newest)}
-    assert ahead.value.message == f"position {after} is past the newest event, {newest}"
+    ahead = refused_start(after, oldest, newest, domain.errors.EventPositionAhead)
+    assert ahead.reason == "EVENT_POSITION_AHEAD"
+    assert ahead.metadata == {"position": str(after), "newestPosition": str(newest)}
+    assert ahead.message == f"position {after} is past the newest event, {newest}"
 
 
 def test_position_expired_is_the_error_to_raise():

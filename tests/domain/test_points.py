@@ -311,18 +311,8 @@ def test_to_post():
     )
     row = domain.points.to_post(new, NOW)
     assert domain.ids.TRANSACTION_ID.fullmatch(row.id), row.id
-    assert row == domain.points.PointsTransaction(
-        id=row.id,
-        account=ACCOUNT_ID,
-        type=ADJUST,
-        direction=DEBIT,
-        amount=7,
-        points_after=0,
-        reason="goodwill",
-        origin_kind=domain.points.OriginKind.MANUAL,
-        origin_id="case-1",
-        metadata={"k": "v"},
-        create_time=NOW,
+    assert row == transaction(
+        ADJUST, DEBIT, 7, id=row.id, reason="goodwill", origin_id="case-1", metadata={"k": "v"}
     )
     assert (row.reverses, row.original_account, row.reversed_amount) == (None, None, 0)
     assert (row.rule, row.rule_version) == (None, None)

@@ -117,18 +117,14 @@ def test_a_reversal_of_an_earn(refund):
         original, 6, REFUND, "refund of payment pay_1", NOW, refund=refund
     )
     assert domain.ids.TRANSACTION_ID.fullmatch(row.id) and row.id != original.id
-    assert row == domain.points.PointsTransaction(
+    assert row == transaction(  # with points_after 0: the posting fills it in
+        REVERSE,
+        DEBIT,
+        6,
         id=row.id,
-        account=ACCOUNT_ID,
-        type=REVERSE,
-        direction=DEBIT,
-        amount=6,
-        points_after=0,  # the posting fills it in
         reason="refund of payment pay_1",
         origin_kind=domain.points.OriginKind.REFUND,
         origin_id="ref_1",
-        metadata={},
-        create_time=NOW,
         reverses=original.id,
     )
     # May overdraw (points given back are taken back even if spent), never counts towards

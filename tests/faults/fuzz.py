@@ -45,14 +45,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loyalty_service.pb import (
     accounts_pb2,
-    accounts_pb2_grpc,
     events_pb2,
     points_pb2,
-    points_pb2_grpc,
     programs_pb2,
-    programs_pb2_grpc,
 )
-from tests.support import EARN, failure, unique
+from tests.support import EARN, Stubs, failure, unique
 
 OK = grpc.StatusCode.OK
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT
@@ -121,9 +118,8 @@ class Known:
 
 def prepare(channel: grpc.Channel) -> Known:
     """Creates the objects valid requests refer to."""
-    programs = programs_pb2_grpc.LoyaltyProgramsStub(channel)
-    accounts = accounts_pb2_grpc.LoyaltyAccountsStub(channel)
-    points = points_pb2_grpc.PointsLedgerStub(channel)
+    stubs = Stubs(channel)
+    programs, accounts, points = stubs.programs, stubs.accounts, stubs.points
     Rule = programs_pb2.EarningRule
     program = programs.CreateProgram(
         programs_pb2.CreateProgramRequest(

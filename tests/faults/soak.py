@@ -30,16 +30,9 @@ import psycopg
 from google.protobuf import timestamp_pb2
 
 from loyalty_service import db
-from loyalty_service.pb import (
-    accounts_pb2,
-    accounts_pb2_grpc,
-    points_pb2,
-    points_pb2_grpc,
-    programs_pb2,
-    programs_pb2_grpc,
-)
+from loyalty_service.pb import accounts_pb2, points_pb2, programs_pb2
 from tests.conftest import ServiceProcess, find_violations
-from tests.support import EARN, REDEEM
+from tests.support import EARN, REDEEM, Stubs
 
 OCCURRED_AT = timestamp_pb2.Timestamp(seconds=1_772_366_400)
 # Growth over the run that still counts as flat.
@@ -53,9 +46,9 @@ class Soak:
         self.address = address
         self.database_url = database_url
         self.channel = grpc.aio.insecure_channel(address)
-        self.accounts_stub = accounts_pb2_grpc.LoyaltyAccountsStub(self.channel)
-        self.points = points_pb2_grpc.PointsLedgerStub(self.channel)
-        self.programs = programs_pb2_grpc.LoyaltyProgramsStub(self.channel)
+        stubs = Stubs(self.channel)
+        self.accounts_stub, self.points = stubs.accounts, stubs.points
+        self.programs = stubs.programs
         self.account_count = accounts
         self.balances: dict[str, int] = {}  # what the acknowledged calls imply
         self.ids: list[str] = []

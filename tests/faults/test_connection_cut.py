@@ -11,14 +11,7 @@ from __future__ import annotations
 
 from tests.faults.proxy import Proxy, through, upstream_of
 from tests.faults.scale import pick
-from tests.faults.workload import (
-    HealthWatch,
-    Server,
-    Workload,
-    assert_reported_promptly,
-    disrupt,
-    report,
-)
+from tests.faults.workload import Server, assert_reported_promptly, outages_under_load, report
 
 # How long each cut lasts, at least.
 HOLD = 2.0
@@ -26,27 +19,16 @@ HOLD = 2.0
 
 def test_connection_cuts_under_load(databases, start_replica):
     url = databases.create()
-    outages = []
     with Proxy(upstream_of(url)) as proxy:
         # LOYALTY_HEALTH_INTERVAL at its default: the default must be fast enough.
         server = Server(start_replica(through(url, proxy.port)))
-        try:
-            with (
-                Workload(server.address, clients=pick(8, 24)) as workload,
-                HealthWatch(server.address) as watch,
-            ):
-                for index in range(pick(2, 5)):
-                    cut, kind = (
-                        (proxy.sever, "connections reset")
-                        if index % 2 == 0
-                        else (proxy.hang, "connections hung")
-                    )
-                    outages.append(disrupt(kind, workload, watch, cut, proxy.restore, HOLD))
-                workload.wait_for_progress(pick(60, 150))
-            server.stop()
-        except BaseException:
-            server.print_output()
-            raise
+        cuts = [
+            ("connections reset", proxy.sever, proxy.restore)
+            if index % 2 == 0
+            else ("connections hung", proxy.hang, proxy.restore)
+            for index in range(pick(2, 5))
+        ]
+        workload, outages = outages_under_load(server, cuts, HOLD)
     report(
         "connection cuts",
         workload,

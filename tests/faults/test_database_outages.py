@@ -17,14 +17,7 @@ import psutil
 
 from loyalty_service import db
 from tests.faults.scale import pick
-from tests.faults.workload import (
-    HealthWatch,
-    Server,
-    Workload,
-    assert_reported_promptly,
-    disrupt,
-    report,
-)
+from tests.faults.workload import Server, assert_reported_promptly, outages_under_load, report
 
 # How long each outage lasts (from the stop to the restart), at least.
 HOLD = 1.5
@@ -84,23 +77,14 @@ def test_database_outages_under_load(start_replica):
                 "pg_ctl stop -m immediate": lambda: stop("immediate"),
                 "SIGKILL of the postmaster": kill_postmaster,
             }
-            rounds = pick(1, 3)
+            disruptions = [
+                (kind, cut, restart)
+                for _ in range(pick(1, 3))
+                for kind, cut in outages_by_kind.items()
+            ]
             # LOYALTY_HEALTH_INTERVAL at its default: the default must be fast enough.
             server = Server(start_replica(url))
-            outages = []
-            try:
-                with (
-                    Workload(server.address, clients=pick(8, 24)) as workload,
-                    HealthWatch(server.address) as watch,
-                ):
-                    for _ in range(rounds):
-                        for kind, cut in outages_by_kind.items():
-                            outages.append(disrupt(kind, workload, watch, cut, restart, HOLD))
-                    workload.wait_for_progress(pick(60, 150))
-                server.stop()
-            except BaseException:
-                server.print_output()
-                raise
+            workload, outages = outages_under_load(server, disruptions, HOLD)
             report("database outages", workload, outages)
             # The accounting first: it must hold whatever the timings were.
             workload.verify(url)

@@ -11,10 +11,10 @@ import time
 import grpc
 import psutil
 
-from loyalty_service.pb import accounts_pb2_grpc, points_pb2, points_pb2_grpc
+from loyalty_service.pb import points_pb2, points_pb2_grpc
 from tests.faults.fuzz import HealthProber, rss, settled_rss
 from tests.faults.scale import pick
-from tests.support import EARN, create_account, get, post
+from tests.support import EARN, Stubs, create_account, get, post
 
 CONNECTIONS = pick(200, 2_000)  # idle connections, each a channel of its own
 SUBSCRIBERS = 500  # idle SubscribeTransactionEvents streams
@@ -91,8 +91,8 @@ def test_idle_connections_and_subscribers(databases, start_replica):
     server = start_replica(databases.create())
     pid, port = server.process.pid, server.port
     with grpc.insecure_channel(server.address) as main:
-        accounts = accounts_pb2_grpc.LoyaltyAccountsStub(main)
-        points = points_pb2_grpc.PointsLedgerStub(main)
+        stubs = Stubs(main)
+        accounts, points = stubs.accounts, stubs.points
         account = create_account(accounts)
         # Warm-up: a subscriber comes and goes, a posting reaches the event feed.
         warm = points.SubscribeTransactionEvents(SUBSCRIPTION(account=account.id))

@@ -29,7 +29,8 @@ import secrets
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import grpc
@@ -40,16 +41,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from loyalty_service.db import libpq_url
-from loyalty_service.pb import (
-    accounts_pb2,
-    accounts_pb2_grpc,
-    points_pb2,
-    points_pb2_grpc,
-    programs_pb2,
-    programs_pb2_grpc,
-)
+from loyalty_service.pb import accounts_pb2, points_pb2, programs_pb2
 from tests.conftest import ServiceProcess, find_violations
-from tests.support import EARN, REDEEM, failure
+from tests.faults.scale import pick
+from tests.support import EARN, REDEEM, Stubs, failure
 
 RETRYABLE = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
@@ -158,8 +153,8 @@ class Client(threading.Thread):
     def run(self) -> None:
         try:
             with channel(self.workload.address) as ch:
-                self.accounts = accounts_pb2_grpc.LoyaltyAccountsStub(ch)
-                self.points = points_pb2_grpc.PointsLedgerStub(ch)
+                stubs = Stubs(ch)
+                self.accounts, self.points = stubs.accounts, stubs.points
                 # Two members enrolled by CreateAccount, a third by their first payment.
                 for _ in range(2):
                     customer = self.new_id("cust")
@@ -344,6 +339,7 @@ class Workload:
     def __enter__(self) -> Workload:
         # The program and the shared account, before any fault: plain calls.
         with channel(self.address) as ch:
+            stubs = Stubs(ch)
             key = f"{self.prefix}-program"
             request = programs_pb2.CreateProgramRequest(
                 program=programs_pb2.Program(
@@ -365,12 +361,12 @@ class Workload:
                 ),
                 request_id=key,
             )
-            program = programs_pb2_grpc.LoyaltyProgramsStub(ch).CreateProgram(request, timeout=10)
+            program = stubs.programs.CreateProgram(request, timeout=10)
             self.setup.append(Ack("CreateProgram", key, request, program, None, 0))
             self.program = program.id
             key = f"{self.prefix}-hot"
             request = accounts_pb2.CreateAccountRequest(program=self.program, request_id=key)
-            hot = accounts_pb2_grpc.LoyaltyAccountsStub(ch).CreateAccount(request, timeout=10)
+            hot = stubs.accounts.CreateAccount(request, timeout=10)
             self.setup.append(Ack("CreateAccount", key, request, hot, WELCOME, 0))
             self.hot_account = hot.id
         self.started = time.monotonic()
@@ -581,6 +577,10 @@ class Server:
     """A server process (tests.conftest.ServiceProcess), and what a fault test asks of it."""
 
     def __init__(self, process: ServiceProcess) -> None:
+        self.replace(process)
+
+    def replace(self, process: ServiceProcess) -> None:
+        """From now on, this other process (started in place of the one before)."""
         self.process = process
         self.address = process.address
         self.port = process.port
@@ -590,6 +590,16 @@ class Server:
 
     def stop(self) -> tuple[int, str]:
         return self.process.stop()
+
+    @contextmanager
+    def stopped_when_done(self) -> Iterator[None]:
+        """Stops the server when the block ends; if it fails, prints the server's log too."""
+        try:
+            yield
+            self.stop()
+        except BaseException:
+            self.print_output()
+            raise
 
     def assert_clean_exit(self) -> None:
         """Exit code 0 and no traceback in the log, whatever happened to it before."""
@@ -669,7 +679,7 @@ def probe(address: str) -> Probe:
     """GetAccount with a 10 s deadline: while the database is down it should fail at once
     with UNAVAILABLE, reason DATABASE_UNAVAILABLE."""
     with channel(address) as ch:
-        stub = accounts_pb2_grpc.LoyaltyAccountsStub(ch)
+        stub = Stubs(ch).accounts
         started = time.monotonic()
         try:
             stub.GetAccount(accounts_pb2.GetAccountRequest(id="loy_" + "A" * 20), timeout=10)
@@ -747,6 +757,25 @@ def disrupt(
         outage.to_serving = serving - restored
     outage.to_progress = workload.wait_for_every_client(timeout=GIVE_UP_AFTER)
     return outage
+
+
+def outages_under_load(
+    server: Server,
+    disruptions: Iterable[tuple[str, Callable[[], None], Callable[[], None]]],
+    hold: float,
+) -> tuple[Workload, list[Outage]]:
+    """A workload on the server, and under it each disruption (kind, cut, restore) in turn,
+    each held `hold` seconds (see disrupt); then more progress, and the server stopped."""
+    outages: list[Outage] = []
+    with (
+        server.stopped_when_done(),
+        Workload(server.address, clients=pick(8, 24)) as workload,
+        HealthWatch(server.address) as watch,
+    ):
+        for kind, cut, restore in disruptions:
+            outages.append(disrupt(kind, workload, watch, cut, restore, hold))
+        workload.wait_for_progress(pick(60, 150))
+    return workload, outages
 
 
 def report(title: str, workload: Workload, outages: list[Outage], extra: str = "") -> None:
