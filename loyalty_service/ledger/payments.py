@@ -47,7 +47,7 @@ class PaymentUseCases(UseCases):
             # After the claim: a replay answers as the first time, whatever changed since.
             domain.payments.check_payment_currency(program, new.currency)
             result, earn_ids = await _settle(conn, program, new, now)
-            # After the kernel took the event log's head: a row this transaction inserted.
+            # A row this transaction inserted; before the event log's head (UseCases.run).
             account_id = result.account.id if result.account else None
             await store.payments.save_payment(
                 conn,
@@ -88,7 +88,7 @@ class PaymentUseCases(UseCases):
             await store.payments.save_refunded(conn, payment.id, refunded)
             refund = domain.payments.Refund(new.id, payment.id, new.amount, refunded, now)
             result = RefundResult(refund, reversals, account)
-            # After the kernel took the event log's head: rows this transaction holds.
+            # Rows this transaction holds; before the event log's head (UseCases.run).
             await store.payments.save_refund(conn, new.id, domain.codec.to_json(result))
             return result
 

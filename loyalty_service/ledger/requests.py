@@ -23,6 +23,7 @@ from ..domain.errors import (
     TransactionNotFound,
 )
 from ..store.sql import Conn
+from .postings import transaction_events
 
 T = TypeVar("T")
 Clock = Callable[[], datetime]
@@ -74,9 +75,10 @@ class UseCases:
 
         The request id is claimed first, in the same transaction as the change: a retry that
         races the first attempt waits for it and then replays its response. Only successful
-        responses are kept; a request that failed may be retried with the same id. `work`
-        logs the change's events as its last step (through the posting kernel, or
-        store.events.append_events when it posts no points), so a replay writes none.
+        responses are kept; a request that failed may be retried with the same id. The
+        change's events are logged last, with the COMMIT: those of its postings here (see
+        ledger.postings.transaction_events), others by `work` as its last step
+        (store.events.append_events); a replay writes none.
         """
         # Without a request id there is nothing to remember (nor to fingerprint).
         key, fingerprint = request_key(method, request_id, params) if request_id else ("", "")
@@ -84,6 +86,8 @@ class UseCases:
             try:
                 # Pipeline mode sends statements whose results are not needed yet together
                 # with the next one that is: the writes and the COMMIT go in one round trip.
+                unlogged: list[object] = []
+                transaction_events.set(unlogged)
                 async with db.connection(self.pool) as conn, conn.pipeline(), conn.transaction():
                     if request_id:
                         stored = await store.requests.claim_request(
@@ -95,6 +99,8 @@ class UseCases:
                     result = await work(conn)
                     if request_id:
                         await store.requests.save_response(conn, key, domain.codec.to_json(result))
+                    # Last, with the COMMIT: see ledger.postings.transaction_events.
+                    await store.events.log_rows(conn, unlogged)
                     return result
             except Moved:
                 continue

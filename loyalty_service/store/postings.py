@@ -50,12 +50,14 @@ POSTING_KEYS = (
 
 
 _POST_POINTS = (
-    "SELECT posting, result, points_after, replay_fingerprint, replay_response, account"
-    " FROM post_points(%(postings)s, %(wait)s, %(snapshots)s, %(events)s)"
+    "SELECT posting, result, points_after, replay_fingerprint, replay_response, account,"
+    " logged FROM post_points(%(postings)s, %(wait)s, %(snapshots)s, %(events)s, %(log)s)"
 )
 
 
 POSTED, REPLAYED, SKIPPED = "POSTED", "REPLAYED", "SKIPPED"
+# The last row of a call that leaves its events to the caller (`unlogged`).
+_UNLOGGED = "UNLOGGED"
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,7 @@ async def post(
     wait: bool = True,
     snapshots: bool = False,
     events_before: list[Event] | None = None,
+    unlogged: list[object] | None = None,
 ) -> list[Posted]:
     """Posts each posting in order, each if its account is ACTIVE (or CLOSED, where its
     change allows that) and its balance stays within the change's bounds; appends their
@@ -143,20 +146,27 @@ async def post(
 
     `wait`: wait for each account's row lock; without it, a posting whose account another
     transaction holds is SKIPPED, so the call never waits on a row lock (group commit).
-    `snapshots`: fill in `account` of the last posting, if posted, as after it. Raises
-    NotTaken.
+    `snapshots`: fill in `account` of the last posting, if posted, as after it.
+    `unlogged`: log no events, and add them (as store.events.log_rows takes them) to this
+    list instead, for a caller that writes more after the kernel: it logs them last, with its
+    COMMIT, so that the event log's head is held for that round trip only. Raises NotTaken.
     """
     params = {
         "postings": Jsonb([_posting_row(idx, p) for idx, p in enumerate(postings)]),
         "wait": wait,
         "snapshots": snapshots,
         "events": Jsonb(event_rows(events_before or [])),
+        "log": unlogged is None,
     }
     try:
         # In pipeline mode the error may come with the rows: both are inside.
         rows = await (await conn.execute(_POST_POINTS, params)).fetchall()
     except (pg_errors.IntegrityError, pg_errors.DataError, pg_errors.TransactionRollback) as error:
         raise NotTaken(error) from None
+    if unlogged is not None:
+        last = rows.pop()
+        assert last.result == _UNLOGGED, last
+        unlogged.extend(last.logged)
     done = []
     for row in rows:
         prior = None
@@ -173,6 +183,7 @@ def post_points_call(
     *,
     wait: bool = True,
     snapshots: bool = False,
+    log: bool = True,
 ) -> str:
     """The kernel's call as store.post makes it, with each posting's POSTING_KEYS and each
     event's EVENT_KEYS given as SQL expressions: for a benchmark's pgbench baseline."""
@@ -186,7 +197,8 @@ def post_points_call(
 
     return (
         f"SELECT * FROM post_points({array(postings, POSTING_KEYS)}, {str(wait).lower()},"
-        f" {str(snapshots).lower()}, {array(events_before or [], EVENT_KEYS)})"
+        f" {str(snapshots).lower()}, {array(events_before or [], EVENT_KEYS)},"
+        f" {str(log).lower()})"
     )
 
 

@@ -216,6 +216,58 @@ def test_events_before_come_first_and_a_refusal_undoes_nothing_else(databases):
     run(url, scenario)
 
 
+def test_events_left_unlogged_leave_the_head_free_until_logged(databases):
+    """With `unlogged`, the kernel logs nothing and leaves the event log's head unlocked: the
+    caller gets the events, in order, and logs them last (store.events.log_rows), so other
+    writers' commits do not wait across its round trips. Without it, the kernel holds the
+    head until the commit."""
+    url = databases.create()
+
+    async def head_locked(other: psycopg.AsyncConnection) -> bool:
+        try:
+            await other.execute("SELECT position FROM event_log_head FOR UPDATE NOWAIT")
+        except psycopg.errors.LockNotAvailable:
+            return True
+        finally:
+            await other.rollback()
+        return False
+
+    async def scenario(ledger: Ledger) -> None:
+        account = await ledger.create_account("prog_default", None, {})
+        updated = account_event(EventType.ACCOUNT_UPDATED, account)
+        async with (
+            db.connection(ledger.pool) as conn,
+            await psycopg.AsyncConnection.connect(libpq_url(url)) as other,
+        ):
+            unlogged: list[object] = []
+            async with conn.transaction():
+                done = await store.postings.post(
+                    conn,
+                    [posting(account.id, EARN, CREDIT, 5)],
+                    events_before=[updated],
+                    unlogged=unlogged,
+                )
+                assert [d.result for d in done] == ["POSTED"]
+                assert not await head_locked(other)
+                assert [(e["id"], e["type"]) for e in unlogged] == [
+                    (updated.id, EventType.ACCOUNT_UPDATED.value),
+                    (unlogged[1]["id"], EventType.TRANSACTION_CREATED.value),
+                ]
+                await store.events.log_rows(conn, unlogged)
+                assert await head_locked(other)
+            async with conn.transaction():
+                await store.postings.post(conn, [posting(account.id, EARN, CREDIT, 1)])
+                assert await head_locked(other)
+        page = await ledger.list_events(EventFilter(frozenset(EventType)), 0, 100, check=False)
+        assert [e.type for e in page.events] == [
+            EventType.ACCOUNT_CREATED, EventType.ACCOUNT_UPDATED, EventType.TRANSACTION_CREATED,
+            EventType.TRANSACTION_CREATED,
+        ]  # fmt: skip
+        assert [e.position for e in page.events] == [1, 2, 3, 4]
+
+    run(url, scenario)
+
+
 def test_the_kernel_promotes_and_logs_in_order(databases):
     """store.postings.post, a posting alone (with and without a request id) and a batch,
     several on one account among them: each promotion's event comes right after its transaction's,
