@@ -203,11 +203,11 @@ def pgbench_script(
     }  # fmt: skip
 
     def post(postings: list[dict[str, str]], events_before: list[dict[str, str]]) -> str:
-        # The events left unlogged are the last row's `logged` (\\aset keeps the last row).
+        # The events left unlogged are the last row's `unlogged` (\\aset keeps the last row).
         call = store.postings.post_points_call(postings, events_before, snapshots=True, log=False)
         return statement(call, {}) + " \\aset kernel_"
 
-    log_events = statement(store.events.LOG_EVENTS, {"events": ":kernel_logged::jsonb"}) + ";"
+    log_events = statement(store.events.LOG_EVENTS, {"events": ":kernel_unlogged::jsonb"}) + ";"
 
     returning = "RETURNING accounts.id"
     assert store.accounts.INSERT_ACCOUNT.rstrip().endswith(returning), store.accounts.INSERT_ACCOUNT

@@ -51,7 +51,7 @@ POSTING_KEYS = (
 
 _POST_POINTS = (
     "SELECT posting, result, points_after, replay_fingerprint, replay_response, account,"
-    " logged FROM post_points(%(postings)s, %(wait)s, %(snapshots)s, %(events)s, %(log)s)"
+    " unlogged FROM post_points(%(postings)s, %(wait)s, %(snapshots)s, %(events)s, %(log)s)"
 )
 
 
@@ -166,7 +166,7 @@ async def post(
     if unlogged is not None:
         last = rows.pop()
         assert last.result == _UNLOGGED, last
-        unlogged.extend(last.logged)
+        unlogged.extend(last.unlogged)
     done = []
     for row in rows:
         prior = None
