@@ -184,6 +184,12 @@ def test_a_refunds_reversal_takes_a_closed_account_and_counts_itself(databases):
     run(url, scenario)
 
 
+async def logged(ledger: Ledger) -> list[tuple[EventType, int]]:
+    """Every event in the log: its type and position."""
+    page = await ledger.list_events(EventFilter(frozenset(EventType)), 0, 100, check=False)
+    return [(e.type, e.position) for e in page.events]
+
+
 def test_events_before_come_first_and_a_refusal_undoes_nothing_else(databases):
     """The events a use case gives the kernel are logged before the postings' own, in the
     same append; a call whose postings are all refused logs only those events."""
@@ -206,12 +212,12 @@ def test_events_before_come_first_and_a_refusal_undoes_nothing_else(databases):
                 conn, [posting(account.id, REDEEM, DEBIT, 6)], events_before=[again]
             )
             assert refused[0].result == "INSUFFICIENT_POINTS"
-        page = await ledger.list_events(EventFilter(frozenset(EventType)), 0, 100, check=False)
-        assert [e.type for e in page.events] == [
-            EventType.ACCOUNT_CREATED, EventType.ACCOUNT_UPDATED, EventType.TRANSACTION_CREATED,
-            EventType.ACCOUNT_UPDATED,
-        ]  # fmt: skip
-        assert [e.position for e in page.events] == [1, 2, 3, 4]
+        assert await logged(ledger) == [
+            (EventType.ACCOUNT_CREATED, 1),
+            (EventType.ACCOUNT_UPDATED, 2),
+            (EventType.TRANSACTION_CREATED, 3),
+            (EventType.ACCOUNT_UPDATED, 4),
+        ]
 
     run(url, scenario)
 
@@ -258,12 +264,12 @@ def test_events_left_unlogged_leave_the_head_free_until_logged(databases):
             async with conn.transaction():
                 await store.postings.post(conn, [posting(account.id, EARN, CREDIT, 1)])
                 assert await head_locked(other)
-        page = await ledger.list_events(EventFilter(frozenset(EventType)), 0, 100, check=False)
-        assert [e.type for e in page.events] == [
-            EventType.ACCOUNT_CREATED, EventType.ACCOUNT_UPDATED, EventType.TRANSACTION_CREATED,
-            EventType.TRANSACTION_CREATED,
-        ]  # fmt: skip
-        assert [e.position for e in page.events] == [1, 2, 3, 4]
+        assert await logged(ledger) == [
+            (EventType.ACCOUNT_CREATED, 1),
+            (EventType.ACCOUNT_UPDATED, 2),
+            (EventType.TRANSACTION_CREATED, 3),
+            (EventType.TRANSACTION_CREATED, 4),
+        ]
 
     run(url, scenario)
 
