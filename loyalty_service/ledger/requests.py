@@ -87,7 +87,7 @@ class UseCases:
                 # Pipeline mode sends statements whose results are not needed yet together
                 # with the next one that is: the writes and the COMMIT go in one round trip.
                 unlogged: list[object] = []
-                transaction_events.set(unlogged)
+                token = transaction_events.set(unlogged)
                 async with db.connection(self.pool) as conn, conn.pipeline(), conn.transaction():
                     if request_id:
                         stored = await store.requests.claim_request(
@@ -104,6 +104,10 @@ class UseCases:
                     return result
             except Moved:
                 continue
+            finally:
+                # Outside run, ledger.postings.post finds no list (LookupError), rather than
+                # one whose events nobody would log.
+                transaction_events.reset(token)
         raise RuntimeError(f"{method}: the rows kept moving under concurrent changes")
 
     @staticmethod

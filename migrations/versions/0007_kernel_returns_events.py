@@ -28,11 +28,14 @@ def _revision_0006() -> ModuleType:
 
 
 # 0006's post_points with two changes, written as edits of it so that the kernel's body
-# stays written once: the `log` argument and `unlogged` column, and its last step.
+# stays written once: the `log` argument and `unlogged` column, and its last step. `log`
+# defaults to true: a replica of the release before, still calling post_points with four
+# arguments while this one migrates, gets the kernel that logs, as before. (0006's text is
+# frozen: tests/ledger/test_kernel.py holds its digest.)
 _EDITS = [
     (
         "snapshots boolean, events jsonb)\nRETURNS TABLE",
-        "snapshots boolean, events jsonb,\n    log boolean)\nRETURNS TABLE",
+        "snapshots boolean, events jsonb,\n    log boolean DEFAULT true)\nRETURNS TABLE",
     ),
     (
         "    replay_response jsonb, account jsonb)",

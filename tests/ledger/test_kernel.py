@@ -4,8 +4,11 @@ postings in order on one account, reversals, and the events it logs."""
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 from datetime import UTC, datetime
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -384,3 +387,16 @@ def test_the_benchmarks_call_of_the_kernel_is_the_services(databases):
         assert (await ledger.get_transaction(new.ptx.id)).points_after == 7
 
     run(url, scenario)
+
+
+def test_revision_0006s_kernel_is_frozen():
+    """Migration 0007 builds the kernel as edits of 0006's text (so its body is written
+    once): an edit of that text would change what new databases get and not old ones. A
+    change of the kernel goes in a new migration."""
+    path = Path(__file__).parents[2] / "migrations" / "versions" / "0006_posting_kernel.py"
+    spec = importlib.util.spec_from_file_location("kernel_0006", path)
+    assert spec is not None and spec.loader is not None
+    kernel_0006 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kernel_0006)
+    digest = hashlib.sha256(kernel_0006.POST_POINTS.encode()).hexdigest()
+    assert digest == "21ed195cfdda89aca72708958cab8f8559de71a68fb5c820c2c1b297357e6333"
