@@ -13,7 +13,7 @@ from ..domain.ids import Page
 from ..domain.points import OriginKind, PointsTransaction
 from ..domain.programs import Program
 from ..store.sql import Conn
-from .postings import post
+from .postings import log_with_commit, post
 from .requests import UseCases, account_not_found, program_not_found
 
 
@@ -79,9 +79,7 @@ class AccountUseCases(UseCases):
                 metadata=account.metadata if changes.metadata is None else changes.metadata,
             )
             await self._save_account(conn, updated)
-            await store.events.append_events(
-                conn, [account_event(EventType.ACCOUNT_UPDATED, updated)]
-            )
+            log_with_commit([account_event(EventType.ACCOUNT_UPDATED, updated)])
             return updated
 
         params = {
@@ -98,9 +96,7 @@ class AccountUseCases(UseCases):
             domain.accounts.require_active(account)
             closed = domain.accounts.revised(account, self.clock(), status=AccountStatus.CLOSED)
             await store.accounts.save_account(conn, closed)
-            await store.events.append_events(
-                conn, [account_event(EventType.ACCOUNT_CLOSED, closed)]
-            )
+            log_with_commit([account_event(EventType.ACCOUNT_CLOSED, closed)])
             return closed
 
         return await self.run("CloseAccount", request_id, {"id": account_id}, Account, work)
@@ -116,9 +112,7 @@ class AccountUseCases(UseCases):
                 )
             reopened = domain.accounts.revised(account, self.clock(), status=AccountStatus.ACTIVE)
             await self._save_account(conn, reopened)
-            await store.events.append_events(
-                conn, [account_event(EventType.ACCOUNT_REOPENED, reopened)]
-            )
+            log_with_commit([account_event(EventType.ACCOUNT_REOPENED, reopened)])
             return reopened
 
         return await self.run("ReopenAccount", request_id, {"id": account_id}, Account, work)
@@ -154,7 +148,7 @@ class AccountUseCases(UseCases):
             ]
             if merged_target.tier != target.tier:
                 merge_events.append(account_event(EventType.ACCOUNT_TIER_CHANGED, merged_target))
-            await store.events.append_events(conn, merge_events)
+            log_with_commit(merge_events)
             return MergeResult(target=merged_target, source=merged_source)
 
         params = {"source": source_id, "target": target_id}

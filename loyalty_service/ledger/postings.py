@@ -18,6 +18,12 @@ from ..store.sql import Conn
 transaction_events: ContextVar[list[object]] = ContextVar("transaction_events")
 
 
+def log_with_commit(events: list[Event]) -> None:
+    """Queues a use case's events for UseCases.run to log with the COMMIT (see
+    transaction_events)."""
+    transaction_events.get().extend(store.events.event_rows(events))
+
+
 async def post(
     conn: Conn,
     postings: list[tuple[PointsTransaction, domain.points.Change]],
@@ -28,14 +34,17 @@ async def post(
     after whatever the use case writes next (see transaction_events). The posted
     transactions and the account after them (None if there were none); the first refused
     raises why, failing the use case and so undoing the others."""
-    unlogged = transaction_events.get()
     if not postings:
-        unlogged.extend(store.events.event_rows(events_before or []))
+        log_with_commit(events_before or [])
         return [], None
     new = [store.postings.NewPosting(ptx, change) for ptx, change in postings]
     try:
         done = await store.postings.post(
-            conn, new, snapshots=True, events_before=events_before, unlogged=unlogged
+            conn,
+            new,
+            snapshots=True,
+            events_before=events_before,
+            unlogged=transaction_events.get(),
         )
     except store.postings.NotTaken as error:
         raise error.error from None  # a use case posts without request keys: not a race of ours

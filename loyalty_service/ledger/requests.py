@@ -76,9 +76,9 @@ class UseCases:
         The request id is claimed first, in the same transaction as the change: a retry that
         races the first attempt waits for it and then replays its response. Only successful
         responses are kept; a request that failed may be retried with the same id. The
-        change's events are logged last, with the COMMIT: those of its postings here (see
-        ledger.postings.transaction_events), others by `work` as its last step
-        (store.events.append_events); a replay writes none.
+        change's events (its postings', and those `work` queues with log_with_commit) are
+        logged last, with the COMMIT (see ledger.postings.transaction_events); a replay
+        writes none.
         """
         # Without a request id there is nothing to remember (nor to fingerprint).
         key, fingerprint = request_key(method, request_id, params) if request_id else ("", "")

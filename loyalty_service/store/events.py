@@ -20,21 +20,13 @@ from .sql import Conn, Row, compiled, one
 LOG_EVENTS = "SELECT log_events(%(events)s)"
 
 
-async def append_events(conn: Conn, new_events: list[Event]) -> None:
-    """Appends events to the log (log_events, migration 0006), in its transaction: call it as
-    the transaction's last step. Positions come from event_log_head, whose row lock the
-    transaction then holds until it commits; so positions become visible in order, with no
-    gaps. It serialises all writers' commits, which is why this is the last lock any
-    transaction takes, and why it is held for the shortest time: send it with the COMMIT
-    (pipelined), not awaiting its result. A use case that posts points gives its events to
-    the kernel instead (post's events_before), which logs them, or leaves them to the use
-    case to log with log_rows."""
-    await log_rows(conn, event_rows(new_events))
-
-
 async def log_rows(conn: Conn, rows: list[object]) -> None:
-    """As append_events, for events as log_events takes them (event_rows; what the kernel
-    left unlogged)."""
+    """Appends events (as event_rows makes them, or as the kernel left them unlogged) to the
+    log (log_events, migration 0006), in its transaction. Positions come from
+    event_log_head, whose row lock the transaction then holds until it commits; so positions
+    become visible in order, with no gaps. It serialises all writers' commits, which is why
+    it is the last lock any transaction takes, held for the shortest time: UseCases.run
+    sends it with the COMMIT (pipelined), not awaiting its result."""
     if not rows:
         return  # nothing changed (a payment that earned nothing): no need to queue for the head
     await conn.execute(LOG_EVENTS, {"events": Jsonb(rows)})
