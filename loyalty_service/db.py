@@ -80,6 +80,14 @@ accounts = sa.Table(
         unique=True,
         postgresql_where=sa.text("status = 'ACTIVE'"),
     ),
+    # A customer's CLOSED and MERGED accounts (store.accounts.FORMER_ACCOUNT), which a new
+    # member's first payment looks for: found without reading the program's members.
+    sa.Index(
+        "ix_accounts_former_customer",
+        "program_id",
+        "customer",
+        postgresql_where=sa.text("status <> 'ACTIVE'"),
+    ),
     sa.Index("ix_accounts_customer_seq", "customer", "seq"),
     sa.Index("ix_accounts_program_id_seq", "program_id", "seq"),
 )

@@ -389,14 +389,24 @@ def test_the_benchmarks_call_of_the_kernel_is_the_services(databases):
     run(url, scenario)
 
 
-def test_revision_0006s_kernel_is_frozen():
-    """Migration 0007 builds the kernel as edits of 0006's text (so its body is written
-    once): an edit of that text would change what new databases get and not old ones. A
-    change of the kernel goes in a new migration."""
-    path = Path(__file__).parents[2] / "migrations" / "versions" / "0006_posting_kernel.py"
-    spec = importlib.util.spec_from_file_location("kernel_0006", path)
+# Each migration after 0006 builds the kernel as edits of the one before (so its body is
+# written once): an edit of a released revision's text would change what new databases get
+# and not old ones. A change of the kernel goes in a new migration.
+FROZEN_KERNELS = [
+    ("0006_posting_kernel.py", "21ed195cfdda89aca72708958cab8f8559de71a68fb5c820c2c1b297357e6333"),
+    (
+        "0007_kernel_returns_events.py",
+        "45d6d860f6913de18e3bb48e0407f7c255fc5a2dd65853967dbc0a5c5bcbbd79",
+    ),
+]
+
+
+@pytest.mark.parametrize(("revision", "digest"), FROZEN_KERNELS)
+def test_released_kernels_are_frozen(revision, digest):
+    path = Path(__file__).parents[2] / "migrations" / "versions" / revision
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     assert spec is not None and spec.loader is not None
-    kernel_0006 = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(kernel_0006)
-    digest = hashlib.sha256(kernel_0006.POST_POINTS.encode()).hexdigest()
-    assert digest == "21ed195cfdda89aca72708958cab8f8559de71a68fb5c820c2c1b297357e6333"
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    kernel = module.POST_POINTS if hasattr(module, "POST_POINTS") else module.post_points()
+    assert hashlib.sha256(kernel.encode()).hexdigest() == digest
