@@ -13,10 +13,7 @@ read every account of the program. Now:
   account, so it is small and costs ACTIVE accounts nothing).
 """
 
-import importlib.util
-from pathlib import Path
-from types import ModuleType
-
+import sqlalchemy as sa
 from alembic import op
 
 revision = "0008"
@@ -24,39 +21,24 @@ down_revision = "0007"
 
 _KERNEL = "post_points(jsonb, boolean, boolean, jsonb, boolean)"
 
-
-def _revision_0007() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "kernel_0007", Path(__file__).with_name("0007_kernel_returns_events.py")
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+# The kernel's account update, before and after: an edit of the function as the database
+# holds it (0007's), so that its body stays written once.
+_UPDATE_BY_JOIN = "        WHERE accounts.id = f.id AND accounts.version <> f.version;"
+_UPDATE_BY_KEY = (
+    "        WHERE accounts.id = ANY (ARRAY(SELECT (u).id FROM unnest(found_accounts) AS u))\n"
+    "            AND accounts.id = f.id AND accounts.version <> f.version;"
+)
 
 
-# 0007's post_points, edited as 0007 edits 0006's (so its body stays written once).
-_EDITS = [
-    ("CREATE FUNCTION post_points", "CREATE OR REPLACE FUNCTION post_points"),
-    (
-        "        WHERE accounts.id = f.id AND accounts.version <> f.version;",
-        "        WHERE accounts.id = ANY (ARRAY(SELECT (u).id FROM unnest(found_accounts) AS u))\n"
-        "            AND accounts.id = f.id AND accounts.version <> f.version;",
-    ),
-]
-
-
-def post_points() -> str:
-    """The kernel as of this revision."""
-    kernel = _revision_0007().post_points()
-    for old, new in _EDITS:
-        assert kernel.count(old) == 1, old
-        kernel = kernel.replace(old, new)
-    return kernel
+def _edit_kernel(old: str, new: str) -> None:
+    query = sa.text(f"SELECT pg_get_functiondef('{_KERNEL}'::regprocedure)")
+    kernel = op.get_bind().execute(query).scalar_one()  # CREATE OR REPLACE FUNCTION ...
+    assert kernel.count(old) == 1, old
+    op.execute(kernel.replace(old, new))
 
 
 def upgrade() -> None:
-    op.execute(post_points())
+    _edit_kernel(_UPDATE_BY_JOIN, _UPDATE_BY_KEY)
     op.execute(f"ALTER FUNCTION {_KERNEL} SET enable_seqscan = off")
     op.execute(
         "CREATE INDEX ix_accounts_former_customer ON accounts (program_id, customer)"
@@ -67,4 +49,4 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.execute("DROP INDEX ix_accounts_former_customer")
     op.execute(f"ALTER FUNCTION {_KERNEL} RESET enable_seqscan")
-    op.execute(_EDITS[0][1].join(_revision_0007().post_points().split(_EDITS[0][0], 1)))
+    _edit_kernel(_UPDATE_BY_KEY, _UPDATE_BY_JOIN)
