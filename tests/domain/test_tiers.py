@@ -27,81 +27,67 @@ TIERS = tiers(("silver", 100), ("gold", 500), ("platinum", 2000))
 RAISED = tiers(("silver", 1000), ("gold", 5000))
 WITHOUT_GOLD = tiers(("silver", 100), ("platinum", 2000))
 FROM_ZERO = tiers(("bronze", 0), ("silver", 50))
+EQUAL = tiers(("a", 100), ("b", 100))
+
+# One table of cases for the tier rule, run against both of its homes: tier_for here (merges,
+# the tier a new member will have) and the kernel's tier_after in SQL (every posting:
+# tests/ledger/test_kernel.py). Each case: lifetime points before and after, the program's
+# tiers, the tier held, the tier expected.
+TIER_CASES = [
+    # The highest tier whose threshold the lifetime points reach.
+    (0, 0, TIERS, "", ""),
+    (0, 99, TIERS, "", ""),
+    (0, 100, TIERS, "", "silver"),  # exactly at the threshold
+    (99, 100, TIERS, "", "silver"),
+    (0, 499, TIERS, "silver", "silver"),
+    (0, 500, TIERS, "silver", "gold"),
+    (0, 2500, TIERS, "", "platinum"),  # two tiers at once
+    (0, 10**9, TIERS, "gold", "platinum"),
+    # "" ranks below every tier: it takes what the points reach, crossed now or not.
+    (600, 601, TIERS, "", "gold"),
+    (0, 0, FROM_ZERO, "", "bronze"),
+    (0, 49, FROM_ZERO, "bronze", "bronze"),
+    (0, 50, FROM_ZERO, "bronze", "silver"),
+    # A program without tiers.
+    (0, 10**9, [], "", ""),
+    (0, 10**9, [], "gold", "gold"),
+    # Never below the tier held: thresholds raised after it was reached ...
+    (0, 600, RAISED, "gold", "gold"),
+    (0, 1200, RAISED, "gold", "gold"),
+    (0, 600, RAISED, "silver", "silver"),
+    (0, 150, TIERS, "platinum", "platinum"),
+    (0, 2000, TIERS, "platinum", "platinum"),
+    # ... and still rising when it reaches a higher one.
+    (0, 5000, RAISED, "gold", "gold"),
+    (0, 5000, RAISED, "silver", "gold"),
+    (0, 2500, TIERS, "gold", "platinum"),
+    # A tier the program no longer has is kept until the points cross a threshold ...
+    (0, 50, TIERS, "bronze", "bronze"),
+    (600, 600, TIERS, "bronze", "bronze"),
+    (100, 150, TIERS, "bronze", "bronze"),  # at silver's threshold already: no crossing
+    (600, 601, WITHOUT_GOLD, "gold", "gold"),
+    (0, 10, FROM_ZERO, "old", "old"),  # bronze's 0 is not above 0
+    # ... then the highest tier crossed replaces it, even one below what it was.
+    (0, 150, TIERS, "bronze", "silver"),
+    (99, 100, TIERS, "bronze", "silver"),
+    (100, 2000, TIERS, "bronze", "platinum"),
+    (150, 600, TIERS, "bronze", "gold"),
+    (1999, 2000, WITHOUT_GOLD, "gold", "platinum"),
+    (0, 150, WITHOUT_GOLD, "gold", "silver"),
+    # Names are matched exactly: "Silver" is not "silver".
+    (0, 50, TIERS, "Silver", "Silver"),
+    (0, 100, TIERS, "Silver", "silver"),
+    # Equal thresholds: the later tier of the program ranks higher.
+    (0, 100, EQUAL, "", "b"),
+    (100, 200, EQUAL, "b", "b"),
+    # Lifetime points far past any int32.
+    (0, 10**15, TIERS, "", "platinum"),
+]
 
 
-@pytest.mark.parametrize(
-    ("before", "after", "tiers_", "current", "expected"),
-    [
-        # The highest tier whose threshold the lifetime points reach.
-        (0, 0, TIERS, "", ""),
-        (0, 99, TIERS, "", ""),
-        (0, 100, TIERS, "", "silver"),  # exactly at the threshold
-        (99, 100, TIERS, "", "silver"),
-        (0, 499, TIERS, "silver", "silver"),
-        (0, 500, TIERS, "silver", "gold"),
-        (0, 2500, TIERS, "", "platinum"),  # two tiers at once
-        (0, 10**9, TIERS, "gold", "platinum"),
-        # "" ranks below every tier: it takes what the points reach, crossed now or not.
-        (600, 601, TIERS, "", "gold"),
-        (0, 0, FROM_ZERO, "", "bronze"),
-        (0, 49, FROM_ZERO, "bronze", "bronze"),
-        (0, 50, FROM_ZERO, "bronze", "silver"),
-        # A program without tiers.
-        (0, 10**9, [], "", ""),
-        (0, 10**9, [], "gold", "gold"),
-        # Never below the tier held: thresholds raised after it was reached ...
-        (0, 600, RAISED, "gold", "gold"),
-        (0, 1200, RAISED, "gold", "gold"),
-        (0, 600, RAISED, "silver", "silver"),
-        (0, 150, TIERS, "platinum", "platinum"),
-        (0, 2000, TIERS, "platinum", "platinum"),
-        # ... and still rising when it reaches a higher one.
-        (0, 5000, RAISED, "gold", "gold"),
-        (0, 5000, RAISED, "silver", "gold"),
-        (0, 2500, TIERS, "gold", "platinum"),
-        # A tier the program no longer has is kept until the points cross a threshold ...
-        (0, 50, TIERS, "bronze", "bronze"),
-        (600, 600, TIERS, "bronze", "bronze"),
-        (100, 150, TIERS, "bronze", "bronze"),  # at silver's threshold already: no crossing
-        (600, 601, WITHOUT_GOLD, "gold", "gold"),
-        (0, 10, FROM_ZERO, "old", "old"),  # bronze's 0 is not above 0
-        # ... then the highest tier crossed replaces it, even one below what it was.
-        (0, 150, TIERS, "bronze", "silver"),
-        (99, 100, TIERS, "bronze", "silver"),
-        (100, 2000, TIERS, "bronze", "platinum"),
-        (150, 600, TIERS, "bronze", "gold"),
-        (1999, 2000, WITHOUT_GOLD, "gold", "platinum"),
-        (0, 150, WITHOUT_GOLD, "gold", "silver"),
-        # Names are matched exactly: "Silver" is not "silver".
-        (0, 50, TIERS, "Silver", "Silver"),
-        (0, 100, TIERS, "Silver", "silver"),
-    ],
-)
+@pytest.mark.parametrize(("before", "after", "tiers_", "current", "expected"), TIER_CASES)
 def test_tier_for(before, after, tiers_, current, expected):
     assert domain.programs.tier_for(before, after, tiers_, current) == expected
-
-
-def test_the_tier_is_the_highest_whose_threshold_the_lifetime_points_reach():
-    assert domain.programs.tier_for(0, 99, TIERS, "") == ""
-    assert domain.programs.tier_for(0, 100, TIERS, "") == "silver"  # exactly at the threshold
-    assert domain.programs.tier_for(0, 499, TIERS, "silver") == "silver"
-    assert domain.programs.tier_for(0, 2500, TIERS, "") == "platinum"  # two tiers at once
-    assert domain.programs.tier_for(0, 10**9, [], "") == ""  # a program without tiers
-
-
-def test_tiers_never_demote():
-    # Thresholds raised after the account reached gold: it keeps gold ...
-    assert domain.programs.tier_for(0, 600, RAISED, "gold") == "gold"
-    assert domain.programs.tier_for(0, 1200, RAISED, "gold") == "gold"
-    # ... and still rises when it reaches a higher one.
-    assert domain.programs.tier_for(0, 5000, RAISED, "gold") == "gold"
-    assert domain.programs.tier_for(0, 2500, TIERS, "gold") == "platinum"
-    # A tier the program no longer has (renamed, removed) is kept until the points cross a
-    # threshold: then the highest tier crossed replaces it.
-    assert domain.programs.tier_for(0, 50, TIERS, "bronze") == "bronze"
-    assert domain.programs.tier_for(0, 150, TIERS, "bronze") == "silver"
-    assert domain.programs.tier_for(600, 601, WITHOUT_GOLD, "gold") == "gold"  # crosses nothing
-    assert domain.programs.tier_for(1999, 2000, WITHOUT_GOLD, "gold") == "platinum"
 
 
 @pytest.mark.parametrize(

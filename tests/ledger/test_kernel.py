@@ -35,61 +35,30 @@ from loyalty_service.domain.points import (
     reversal,
     to_post,
 )
-from loyalty_service.domain.programs import NewProgram, Tier, tier_for
+from loyalty_service.domain.programs import NewProgram, Tier
 from loyalty_service.ledger import Ledger
+from tests.domain.test_tiers import TIER_CASES
 from tests.ledger.support import run
 
 EARN, REDEEM = TransactionType.EARN, TransactionType.REDEEM
 CREDIT, DEBIT = Direction.CREDIT, Direction.DEBIT
-SILVER, GOLD, PLATINUM = Tier("silver", 100), Tier("gold", 500), Tier("platinum", 2000)
-
-# One table of cases for the tier rule, run against both of its homes: domain tier_for (merges,
-# the tier a new member will have) and SQL tier_after (every posting). Each case: the program's
-# tiers, the held tier, lifetime points before and after, the tier expected.
-TIER_CASES = [
-    ([], "", 0, 1000, ""),
-    ([SILVER, GOLD], "", 0, 99, ""),
-    ([SILVER, GOLD], "", 0, 100, "silver"),
-    ([SILVER, GOLD], "", 99, 100, "silver"),
-    ([SILVER, GOLD], "", 0, 499, "silver"),
-    ([SILVER, GOLD], "", 0, 500, "gold"),
-    ([SILVER, GOLD], "", 0, 10**15, "gold"),
-    ([SILVER, GOLD], "silver", 100, 499, "silver"),
-    ([SILVER, GOLD], "silver", 400, 600, "gold"),
-    ([SILVER, GOLD, PLATINUM], "silver", 100, 5000, "platinum"),
-    # Never a demotion: a held tier above what the points reach stays (thresholds raised).
-    ([SILVER, GOLD], "gold", 10, 20, "gold"),
-    ([Tier("silver", 1000), Tier("gold", 5000)], "gold", 600, 700, "gold"),
-    # A held tier the program no longer has gives way only to a threshold crossed now.
-    ([SILVER, GOLD], "bronze", 150, 200, "bronze"),
-    ([SILVER, GOLD], "bronze", 50, 200, "silver"),
-    ([SILVER, GOLD], "bronze", 150, 600, "gold"),
-    ([SILVER, GOLD], "bronze", 600, 700, "bronze"),
-    # A tier from 0 points: held from the start, and the next one is reached as usual.
-    ([Tier("member", 0), SILVER], "", 0, 0, "member"),
-    ([Tier("member", 0), SILVER], "member", 0, 150, "silver"),
-    # Equal thresholds: the later tier of the program ranks higher.
-    ([Tier("a", 100), Tier("b", 100)], "", 0, 100, "b"),
-    ([Tier("a", 100), Tier("b", 100)], "b", 100, 200, "b"),
-]
+SILVER = Tier("silver", 100)
 
 
-@pytest.mark.parametrize(("tiers", "held", "before", "after", "expected"), TIER_CASES)
-def test_tier_for_follows_the_table(tiers, held, before, after, expected):
-    assert tier_for(before, after, tiers, held) == expected
+@pytest.fixture(scope="module")
+def sql(databases):
+    with psycopg.connect(libpq_url(databases.create())) as conn:
+        yield conn
 
 
-def test_tier_after_in_sql_follows_the_same_table(databases):
-    url = databases.create()
-    with psycopg.connect(libpq_url(url)) as conn:
-        for tiers, held, before, after, expected in TIER_CASES:
-            as_json = json.dumps(
-                [{"name": t.name, "lifetime_points": t.lifetime_points} for t in tiers]
-            )
-            (got,) = conn.execute(
-                "SELECT tier_after(%s::jsonb, %s, %s, %s)", [as_json, held, before, after]
-            ).fetchone()
-            assert got == expected, (tiers, held, before, after)
+# The tier rule's one table of cases (tests/domain/test_tiers.py), against its SQL home.
+@pytest.mark.parametrize(("before", "after", "tiers", "held", "expected"), TIER_CASES)
+def test_tier_after_in_sql_follows_the_tier_rules_table(sql, before, after, tiers, held, expected):
+    as_json = json.dumps([{"name": t.name, "lifetime_points": t.lifetime_points} for t in tiers])
+    (got,) = sql.execute(
+        "SELECT tier_after(%s::jsonb, %s, %s, %s)", [as_json, held, before, after]
+    ).fetchone()
+    assert got == expected
 
 
 # -- the kernel -----------------------------------------------------------------------------
