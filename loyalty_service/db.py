@@ -31,12 +31,20 @@ metadata = sa.MetaData(
 
 NOW = sa.text("now()")
 
+
+def _id_and_seq() -> tuple[sa.Column, sa.Column]:
+    """The columns that begin a table whose rows are listed in pages: the id, and seq, the
+    order of insertion and the keyset for paging (newest first is seq descending)."""
+    return (
+        sa.Column("id", sa.Text, primary_key=True),
+        sa.Column("seq", sa.BigInteger, sa.Identity(), nullable=False, unique=True),
+    )
+
+
 programs = sa.Table(
     "programs",
     metadata,
-    sa.Column("id", sa.Text, primary_key=True),
-    # Keyset for paging: newest first is seq descending.
-    sa.Column("seq", sa.BigInteger, sa.Identity(), nullable=False, unique=True),
+    *_id_and_seq(),
     sa.Column("name", sa.Text, nullable=False),
     # ISO 4217; fixed once the program has an account.
     sa.Column("currency", sa.Text, nullable=False),
@@ -54,9 +62,7 @@ programs = sa.Table(
 accounts = sa.Table(
     "accounts",
     metadata,
-    sa.Column("id", sa.Text, primary_key=True),
-    # Keyset for paging: newest first is seq descending.
-    sa.Column("seq", sa.BigInteger, sa.Identity(), nullable=False, unique=True),
+    *_id_and_seq(),
     sa.Column("program_id", sa.Text, sa.ForeignKey("programs.id"), nullable=False),
     sa.Column("customer", sa.Text),
     sa.Column("status", sa.Text, nullable=False),
@@ -95,8 +101,7 @@ accounts = sa.Table(
 points_transactions = sa.Table(
     "points_transactions",
     metadata,
-    sa.Column("id", sa.Text, primary_key=True),
-    sa.Column("seq", sa.BigInteger, sa.Identity(), nullable=False, unique=True),
+    *_id_and_seq(),
     sa.Column("account_id", sa.Text, sa.ForeignKey("accounts.id"), nullable=False),
     # Where the transaction was posted, once a merge has moved it to another account.
     sa.Column("original_account_id", sa.Text, sa.ForeignKey("accounts.id")),

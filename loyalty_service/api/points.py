@@ -148,8 +148,7 @@ def new_payment(request: points_pb2.RecordPaymentRequest) -> NewPayment:
     payment_id = _external_id(v, "payment_id", request.payment_id)
     program = v.id("program", request.program, domain.ids.PROGRAM_ID)
     customer_ = parsing.customer(v, "customer", request.customer)
-    if not 1 <= request.amount <= domain.programs.MAX_PAYMENT_AMOUNT:
-        v.add("amount", f"must be between 1 and {domain.programs.MAX_PAYMENT_AMOUNT} (minor units)")
+    _payment_amount(v, request.amount)
     currency = parsing.currency(v, "currency", request.currency)
     occurred_at = None
     if not request.HasField("occurred_at"):
@@ -174,8 +173,7 @@ def new_refund(request: points_pb2.RecordRefundRequest) -> NewRefund:
     v = Violations()
     refund_id = _external_id(v, "refund_id", request.refund_id)
     payment_id = _external_id(v, "payment_id", request.payment_id)
-    if not 1 <= request.amount <= domain.programs.MAX_PAYMENT_AMOUNT:
-        v.add("amount", f"must be between 1 and {domain.programs.MAX_PAYMENT_AMOUNT} (minor units)")
+    _payment_amount(v, request.amount)
     v.raise_if_any()
     return NewRefund(id=refund_id, payment_id=payment_id, amount=request.amount)
 
@@ -185,6 +183,12 @@ def _external_id(v: Violations, field_path: str, value: str) -> str:
     if not value:
         v.add(field_path, "is required")
     return v.text(field_path, value, domain.payments.MAX_PAYMENT_ID_LENGTH)
+
+
+def _payment_amount(v: Violations, value: int) -> None:
+    """A payment's or a refund's amount: in minor units, at most MAX_PAYMENT_AMOUNT."""
+    if not 1 <= value <= domain.programs.MAX_PAYMENT_AMOUNT:
+        v.add("amount", f"must be between 1 and {domain.programs.MAX_PAYMENT_AMOUNT} (minor units)")
 
 
 def transaction_filter(

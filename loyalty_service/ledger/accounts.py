@@ -37,7 +37,7 @@ class AccountUseCases(UseCases):
         async def work(conn: Conn) -> Account:
             # Held until commit: an UpdateProgram that archives the program, or changes its
             # currency, waits for this enrollment or is waited for.
-            found = await store.programs.share_program(conn, program)
+            found = await store.programs.get_program(conn, program, lock="key share")
             if found is None:
                 raise program_not_found(program)
             domain.programs.require_program_active(found)

@@ -73,7 +73,7 @@ class ProgramUseCases(UseCases):
         async def work(conn: Conn) -> Program:
             # FOR UPDATE: enrollments (which hold the row FOR KEY SHARE) and other updates
             # wait, so the check for accounts below cannot miss one being created.
-            program = await store.programs.lock_program(conn, program_id)
+            program = await store.programs.get_program(conn, program_id, lock="update")
             if program is None:
                 raise program_not_found(program_id)
             if changes.currency is not None and changes.currency != program.currency:

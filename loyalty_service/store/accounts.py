@@ -49,12 +49,13 @@ _ACTIVE_OF_CUSTOMER = (
 _FIND_ACTIVE_ACCOUNT = compiled(sa.select(accounts.c.id).where(*_ACTIVE_OF_CUSTOMER))
 
 
-_GET_ACCOUNT = compiled(sa.select(*ACCOUNT_COLUMNS).where(accounts.c.id == _ACCOUNT_ID))
+_SELECT_ACCOUNT = sa.select(*ACCOUNT_COLUMNS).where(accounts.c.id == _ACCOUNT_ID)
 
 
-_LOCK_ACCOUNT = compiled(
-    sa.select(*ACCOUNT_COLUMNS).where(accounts.c.id == _ACCOUNT_ID).with_for_update()
-)
+_GET_ACCOUNT = compiled(_SELECT_ACCOUNT)
+
+
+_LOCK_ACCOUNT = compiled(_SELECT_ACCOUNT.with_for_update())
 
 
 _LOCK_ACCOUNTS = compiled(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 from datetime import datetime
 
 import sqlalchemy as sa
@@ -28,21 +29,21 @@ _INSERT_PROGRAM = compiled(
 )
 
 
-_GET_PROGRAM = compiled(sa.select(*PROGRAM_COLUMNS).where(programs.c.id == _PROGRAM_ID))
-
-
-_LOCK_PROGRAM = compiled(
-    sa.select(*PROGRAM_COLUMNS).where(programs.c.id == _PROGRAM_ID).with_for_update()
-)
+_SELECT_PROGRAM = sa.select(*PROGRAM_COLUMNS).where(programs.c.id == _PROGRAM_ID)
 
 
 # KEY SHARE, as the accounts' foreign key takes anyway: enrollments do not wait for each
 # other, but wait for an UpdateProgram (FOR UPDATE) and then see what it committed.
-SHARE_PROGRAM = compiled(
-    sa.select(*PROGRAM_COLUMNS)
-    .where(programs.c.id == _PROGRAM_ID)
-    .with_for_update(read=True, key_share=True)
-)
+SHARE_PROGRAM = compiled(_SELECT_PROGRAM.with_for_update(read=True, key_share=True))
+
+
+# The locks get_program may take on the row, each held until the transaction ends.
+ProgramLock = typing.Literal["update", "key share"] | None
+_GET_PROGRAM: dict[ProgramLock, str] = {
+    None: compiled(_SELECT_PROGRAM),
+    "update": compiled(_SELECT_PROGRAM.with_for_update()),
+    "key share": SHARE_PROGRAM,
+}
 
 
 _SAVE_PROGRAM = compiled(
@@ -93,20 +94,10 @@ async def insert_program(conn: Conn, program: Program) -> bool:
     return await one(conn, _INSERT_PROGRAM, _program_params(program)) is not None
 
 
-async def get_program(conn: Conn, program_id: str) -> Program | None:
-    row = await one(conn, _GET_PROGRAM, {"id": program_id})
-    return program_of(row) if row else None
-
-
-async def lock_program(conn: Conn, program_id: str) -> Program | None:
-    row = await one(conn, _LOCK_PROGRAM, {"id": program_id})
-    return program_of(row) if row else None
-
-
-async def share_program(conn: Conn, program_id: str) -> Program | None:
-    """The program, held against UpdateProgram until this transaction ends (see
-    SHARE_PROGRAM)."""
-    row = await one(conn, SHARE_PROGRAM, {"id": program_id})
+async def get_program(conn: Conn, program_id: str, lock: ProgramLock = None) -> Program | None:
+    """The program; with a `lock`, its row held FOR UPDATE or FOR KEY SHARE (see
+    SHARE_PROGRAM) until the transaction ends."""
+    row = await one(conn, _GET_PROGRAM[lock], {"id": program_id})
     return program_of(row) if row else None
 
 
