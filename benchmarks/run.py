@@ -19,6 +19,10 @@ Scenarios (each: warm-up, then a timed window at the same concurrency for both s
   and a welcome bonus (100 points): a customer's first payment enrolls them. Baseline:
   pgbench running the statements the service runs for one payment, in one transaction,
   enrollment included, on a program of its own set up alike (benchmarks/payments.py).
+- event_log: what the event log costs a writer, pgbench against pgbench: uniform_earn's
+  posting statement, against the same statement with its event-log writes removed (the
+  kernel's `log` false), alternating 3 times (--pairs) while the server's sequencer runs.
+  Prints each pair, then `RESULT scenario=event_log ratio=<mean> pairs=...`.
 
 Prints `RESULT scenario=... service_ops=... baseline_ops=... ratio=... p50_ms=... p99_ms=...`
 per scenario. Ratios matter, not absolute numbers: the machine is shared.
@@ -41,6 +45,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -222,9 +227,12 @@ HOT_PARAMS = {
 }
 
 
-def pgbench_script(params: dict[str, str], header: str) -> str:
-    """One posting with a request id, alone: the kernel's call as the service makes it."""
-    return f"{header}\n{pgbench_statement(store.postings.post_points_call([params]), {})};\n"
+def pgbench_script(params: dict[str, str], header: str, *, log: bool = True) -> str:
+    """One posting with a request id, alone: the kernel's call as the service makes it.
+    Without `log`, the same call with its event-log writes removed: the kernel returns the
+    events and writes none."""
+    call = store.postings.post_points_call([params], log=log)
+    return f"{header}\n{pgbench_statement(call, {})};\n"
 
 
 def pgbench_statement(sql: str, params: dict[str, str]) -> str:
@@ -378,6 +386,68 @@ def events(address: str, server_pid: int, args: argparse.Namespace, files: list[
         )
 
 
+def event_log(url: str, args: argparse.Namespace, header: str) -> None:
+    """What the event log costs a writer: pgbench running the service's posting statement
+    (uniform earns), against the same statement with its event-log writes removed, on the
+    same database, alternating `--pairs` times. The server's sequencer runs meanwhile, so
+    the passes that give the queued events their positions share the machine too."""
+    logged = pgbench_script(PGBENCH_PARAMS, header)
+    bare = pgbench_script(PGBENCH_PARAMS, header, log=False)
+    ratios = []
+    for pair in range(1, args.pairs + 1):
+        with_log = run_pgbench(url, logged, args.concurrency, args.warmup, args.seconds)
+        without = run_pgbench(url, bare, args.concurrency, args.warmup, args.seconds)
+        ratios.append(with_log / without)
+        print(
+            f"event_log pair {pair}: {with_log:.0f} earns/s with the event log,"
+            f" {without:.0f} without: {ratios[-1]:.2f}",
+            flush=True,
+        )
+    print(
+        f"RESULT scenario=event_log ratio={sum(ratios) / len(ratios):.2f}"
+        f" pairs={' '.join(f'{r:.2f}' for r in ratios)}",
+        flush=True,
+    )
+
+
+def two_replicas(
+    url: str,
+    args: argparse.Namespace,
+    tmp: Path,
+    first: Server,
+    one_replica: dict[str, Load],
+    requests: dict[str, Callable[[int], Iterable[bytes]]],
+    methods: dict[str, str],
+) -> None:
+    """uniform_earn and payment (those of them run above) through two server processes on
+    the one database, the load split between them (half the concurrency each, at once),
+    against the rate of one replica at the full concurrency."""
+    second = Server(url, args.pool_size)
+    try:
+        with grpc.insecure_channel(second.address) as channel:
+            second.wait_serving(channel)
+        half = argparse.Namespace(**{**vars(args), "concurrency": max(1, args.concurrency // 2)})
+        for name, single in one_replica.items():
+            if name not in requests:
+                continue
+            files = [write_requests(tmp / f"{name}-r{i}.bin", requests[name](i)) for i in (1, 2)]
+            method = methods[name]
+            with ThreadPoolExecutor(2) as pool:
+                runs = [
+                    pool.submit(drive, replica.address, method, file, half, replica.process.pid)
+                    for replica, file in zip((first, second), files, strict=True)
+                ]
+                loads = [run.result() for run in runs]
+            combined = sum(load.ops for load in loads)
+            print(
+                f"RESULT scenario={name}_two_replicas service_ops={combined:.0f}"
+                f" one_replica_ops={single.ops:.0f} ratio={combined / single.ops:.2f}",
+                flush=True,
+            )
+    finally:
+        second.stop()
+
+
 def earn_requests(run: str, count: int, pick: Callable[[int], tuple[str, int]]) -> Iterator[bytes]:
     """`count` serialized earns (or redeems), each with a request_id of its own."""
     for i in range(count):
@@ -462,10 +532,13 @@ def benchmark(url: str, args: argparse.Namespace, tmp: Path) -> None:
                 if script is not None and wanted(name):
                     print(f"-- {name}\n{script}")
         pid = server.process.pid
+        one_replica: dict[str, Load] = {}
         for name, method, requests, script in scenarios:
             if not wanted(name):
                 continue
-            load = drive(server.address, method, requests, args, pid, cycle=script is None)
+            load = one_replica[name] = drive(
+                server.address, method, requests, args, pid, cycle=script is None
+            )
             if script is None:
                 empty_rpc = drive(
                     server.address, "/grpc.health.v1.Health/Check", empty, args, pid, cycle=True
@@ -476,6 +549,20 @@ def benchmark(url: str, args: argparse.Namespace, tmp: Path) -> None:
             report(name, load, baseline_ops)
         if event_runs:
             events(server.address, pid, args, event_runs)
+        if wanted("event_log"):
+            event_log(url, args, uniform_header)
+        if wanted("two_replicas"):
+
+            def uniform_earns(i: int) -> Iterator[bytes]:
+                pick = lambda _: (account_id(random.randint(1, args.accounts)), EARN)  # noqa: E731
+                return earn_requests(f"{run}-r{i}", count, pick)
+
+            split = {
+                "uniform_earn": uniform_earns,
+                "payment": lambda i: payments.requests(f"{run}-r{i}", count, args.customers),
+            }
+            methods = {"uniform_earn": EARN_METHOD, "payment": payments.METHOD}
+            two_replicas(url, args, tmp, server, one_replica, split, methods)
         violations = asyncio.run(_violations(url))
         print(f"ledger invariants after the run: {len(violations)} violations", flush=True)
         for line in violations[:20]:
@@ -508,6 +595,7 @@ def main() -> None:
     parser.add_argument("--accounts", type=int, default=10_000)
     parser.add_argument("--customers", type=int, default=10_000, help="for the payment scenario")
     parser.add_argument("--subscribers", type=int, default=50, help="for the events scenario")
+    parser.add_argument("--pairs", type=int, default=3, help="for the event_log scenario")
     parser.add_argument("--only", nargs="*", help="scenario names to run")
     parser.add_argument("--show-sql", action="store_true", help="print the pgbench scripts")
     args = parser.parse_args()

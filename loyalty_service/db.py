@@ -204,9 +204,9 @@ idempotency_keys = sa.Table(
     sa.Index("ix_idempotency_keys_create_time", "create_time"),
 )
 
-# The event log (transactional outbox): one row per change, written in the change's
-# transaction. Positions are 1, 2, 3, ... in commit order with no gaps: each is taken from
-# event_log_head under that row's lock, which its transaction holds until it commits.
+# The event log (transactional outbox): one row per change. Positions are 1, 2, 3, ... with
+# no gaps, final once visible: the sequencer gives them to queued events (event_queue), one
+# pass at a time under event_log_head's lock (migration 0009, docs/architecture.md).
 events = sa.Table(
     "events",
     metadata,
@@ -224,6 +224,16 @@ events = sa.Table(
     # For filtered catch-up reads: a filter that matches few events still reads few rows.
     sa.Index("ix_events_account_id_position", "account_id", "position"),
     sa.Index("ix_events_program_id_position", "program_id", "position"),
+)
+
+# Events written and not yet in the log: a writer's transaction appends its events here, in
+# order (`ord`) under one value of event_queue_seq taken after all its row locks.
+event_queue = sa.Table(
+    "event_queue",
+    metadata,
+    sa.Column("seq", sa.BigInteger, primary_key=True),
+    sa.Column("ord", sa.Integer, primary_key=True),
+    *(sa.Column(c.name, c.type, nullable=c.nullable) for c in events.c if c.name != "position"),
 )
 
 event_log_head = sa.Table(
@@ -362,6 +372,8 @@ def start_embedded(data_dir: Path) -> str:
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 # The advisory lock that migrations hold, so that one replica migrates at a time.
 MIGRATION_LOCK_ID = 0x4C4F59414C5459  # "LOYALTY"
+# The advisory lock the event sequencer's connection holds: one replica sequences at a time.
+SEQUENCER_LOCK_ID = MIGRATION_LOCK_ID + 1
 
 
 def migrate(url: str, migrations: Path = MIGRATIONS) -> None:

@@ -23,6 +23,7 @@ from .api.streams import EventEncoder
 from .config import Settings
 from .ledger import Ledger
 from .ledger.feed import EventFeed, FeedSettings
+from .ledger.sequencer import EventSequencer
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class LoyaltyServer:
             ),
             EventEncoder().events_fields,
         )
+        self.sequencer = EventSequencer(database_url)
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(
             interceptors=telemetry.interceptors(settings), options=channel_options(settings)
@@ -109,6 +111,7 @@ class LoyaltyServer:
                 " (is another server using the port?)"
             ) from None
         await self.server.start()
+        self.sequencer.start()
         self.feed.start()
         await self._set_health(SERVING)
         self._tasks = [
@@ -128,6 +131,9 @@ class LoyaltyServer:
         await asyncio.sleep(self.settings.shutdown_drain)
         await self.feed.close()
         await self.server.stop(self.settings.shutdown_grace)
+        # After the last call: what they wrote gets its positions here, or on the replica
+        # that takes over.
+        await self.sequencer.close()
         await self.pool.close()
         log.info("stopped")
 

@@ -7,6 +7,7 @@ from datetime import timedelta
 from .. import domain, store
 from ..domain.events import EventFilter
 from .requests import UseCases
+from .sequencer import settled
 
 
 class EventUseCases(UseCases):
@@ -14,7 +15,8 @@ class EventUseCases(UseCases):
         self, where: EventFilter, after: int, limit: int, *, check: bool
     ) -> store.events.EventPage:
         """A page of events after a position; with `check`, OUT_OF_RANGE unless every event
-        after it is still retained."""
+        after it is still retained. It shows every event committed before the call."""
+        await settled(self.pool)
         page = await self.call(store.events.events_page, where, after, limit)
         if check:
             domain.events.check_position(after, page.oldest, page.head)

@@ -27,6 +27,7 @@ from psycopg_pool import AsyncConnectionPool
 from .. import db, domain, store
 from ..domain.errors import LedgerError, ServerStopping, SubscriberTooSlow
 from ..domain.events import Event, EventFilter
+from .sequencer import settled
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +220,9 @@ class EventFeed:
 
     async def start_position(self, after: int | None, from_oldest: bool) -> int:
         """The position a stream starts after: `after` if it is still valid, just before the
-        oldest retained event, or (by default) the newest event: from now."""
+        oldest retained event, or (by default) the newest event: from now, after every
+        event committed before the call."""
+        await settled(self.pool)
         async with db.connection(self.pool) as conn:
             page = await store.events.events_page(conn, EVERY_EVENT, 0, 0)
         if after is not None:

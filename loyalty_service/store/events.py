@@ -22,14 +22,66 @@ LOG_EVENTS = "SELECT log_events(%(events)s)"
 
 async def log_rows(conn: Conn, rows: list[object]) -> None:
     """Appends events (as event_rows makes them, or as the kernel left them unlogged) to the
-    log (log_events, migration 0006), in its transaction. Positions come from
-    event_log_head, whose row lock the transaction then holds until it commits; so positions
-    become visible in order, with no gaps. It serialises all writers' commits, which is why
-    it is the last lock any transaction takes, held for the shortest time: UseCases.run
-    sends it with the COMMIT (pipelined), not awaiting its result."""
+    event queue (log_events, migration 0009), in its transaction; the sequencer gives them
+    their positions once it has committed (sequence_events)."""
     if not rows:
-        return  # nothing changed (a payment that earned nothing): no need to queue for the head
+        return
     await conn.execute(LOG_EVENTS, {"events": Jsonb(rows)})
+
+
+_SEQUENCE_EVENTS = "SELECT sequence_events(%(max_events)s) AS moved"
+
+
+async def sequence_events(conn: Conn, max_events: int) -> int:
+    """One pass of the sequencer (migration 0009), on an autocommit connection: one
+    statement, so one transaction of its own. Moves up to `max_events` committed queued
+    events into the log, at the next positions, in the order they were queued. How many it
+    moved."""
+    row = await one(conn, _SEQUENCE_EVENTS, {"max_events": max_events})
+    assert row is not None
+    return row.moved
+
+
+_OLDEST_QUEUED = "SELECT create_time FROM event_queue ORDER BY seq, ord LIMIT 1"
+
+
+async def oldest_queued(conn: Conn) -> datetime | None:
+    """When the oldest event still waiting for a position was written (None: none waits).
+    One probe of the queue's key."""
+    row = await one(conn, _OLDEST_QUEUED, {})
+    return row.create_time if row else None
+
+
+_LAST_QUEUED = "SELECT max(seq) AS seq FROM event_queue"
+
+
+async def last_queued(conn: Conn) -> int | None:
+    """The seq of the newest committed event still waiting for a position, if any."""
+    row = await one(conn, _LAST_QUEUED, {})
+    return row.seq if row else None
+
+
+_STILL_QUEUED = "SELECT EXISTS (SELECT FROM event_queue WHERE seq <= %(seq)s) AS waiting"
+
+
+async def still_queued(conn: Conn, seq: int) -> bool:
+    """Whether an event queued at `seq` or before still waits for its position."""
+    row = await one(conn, _STILL_QUEUED, {"seq": seq})
+    assert row is not None
+    return row.waiting
+
+
+@dataclass(frozen=True)
+class Queued:
+    events: int
+    oldest: datetime | None
+
+
+async def queued(conn: Conn) -> Queued:
+    """The events waiting for a position: how many (a count of the queue), the oldest's time."""
+    row = await one(conn, "SELECT count(*) AS n, min(create_time) AS oldest FROM event_queue", {})
+    assert row is not None
+    return Queued(row.n, row.oldest)
 
 
 # The keys of one event in log_events' (and post_points') JSON argument.
@@ -148,7 +200,8 @@ def _event(row: Row) -> Event:
     )
 
 
-# The channel migration 0002's trigger notifies when the event log's head moves.
+# The channel migration 0002's trigger notifies when the event log's head moves: once per
+# pass of the sequencer.
 EVENTS_CHANNEL = "loyalty_events"
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from loyalty_service import db
+from loyalty_service import db, store
 from loyalty_service.ledger import Ledger
 from loyalty_service.ledger.checks import find_violations
 
@@ -19,3 +19,11 @@ def run(url: str, scenario: Callable[[Ledger], Awaitable[None]]) -> None:
             assert await find_violations(pool) == []
 
     asyncio.run(main())
+
+
+async def sequence(ledger: Ledger) -> None:
+    """Gives every queued event its position, as a server's sequencer does
+    (ledger.sequencer)."""
+    async with db.connection(ledger.pool) as conn:
+        while await store.events.sequence_events(conn, 1_000):
+            pass

@@ -38,7 +38,7 @@ from loyalty_service.domain.points import (
 from loyalty_service.domain.programs import NewProgram, Tier
 from loyalty_service.ledger import Ledger
 from tests.domain.test_tiers import TIER_CASES
-from tests.ledger.support import run
+from tests.ledger.support import run, sequence
 
 EARN, REDEEM = TransactionType.EARN, TransactionType.REDEEM
 CREDIT, DEBIT = Direction.CREDIT, Direction.DEBIT
@@ -113,6 +113,7 @@ def test_postings_on_one_account_apply_in_order_and_refusals_say_why(databases):
         missing = refusal(done[5].result, "loy_" + "N" * 20, None, change(EARN, CREDIT, 1))
         assert isinstance(missing, AccountNotFound)
         # Each posted one logged its event, the promotion's right after the posting's.
+        await sequence(ledger)
         page = await ledger.list_events(EventFilter(frozenset(EventType)), 0, 100, check=False)
         logged = [(e.type, e.position) for e in page.events if e.account == account]
         assert logged == [
@@ -158,6 +159,7 @@ def test_a_refunds_reversal_takes_a_closed_account_and_counts_itself(databases):
 
 async def logged(ledger: Ledger) -> list[tuple[EventType, int]]:
     """Every event in the log: its type and position."""
+    await sequence(ledger)
     page = await ledger.list_events(EventFilter(frozenset(EventType)), 0, 100, check=False)
     return [(e.type, e.position) for e in page.events]
 
@@ -194,11 +196,12 @@ def test_events_before_come_first_and_a_refusal_undoes_nothing_else(databases):
     run(url, scenario)
 
 
-def test_events_left_unlogged_leave_the_head_free_until_logged(databases):
-    """With `unlogged`, the kernel logs nothing and leaves the event log's head unlocked: the
-    caller gets the events, in order, and logs them last (store.events.log_rows), so other
-    writers' commits do not wait across its round trips. Without it, the kernel holds the
-    head until the commit."""
+def test_writers_never_hold_the_head_and_a_pass_moves_only_what_committed(databases):
+    """Writers queue their events (log_events) and lock nothing that other writers or the
+    sequencer need: a pass while a writer's transaction is open neither waits for it nor
+    moves its events, and the next pass after its commit moves them, in order. With
+    `unlogged` the kernel queues nothing and returns the events, which the caller queues
+    (store.events.log_rows)."""
     url = databases.create()
 
     async def head_locked(other: psycopg.AsyncConnection) -> bool:
@@ -206,8 +209,6 @@ def test_events_left_unlogged_leave_the_head_free_until_logged(databases):
             await other.execute("SELECT position FROM event_log_head FOR UPDATE NOWAIT")
         except psycopg.errors.LockNotAvailable:
             return True
-        finally:
-            await other.rollback()
         return False
 
     async def scenario(ledger: Ledger) -> None:
@@ -215,7 +216,9 @@ def test_events_left_unlogged_leave_the_head_free_until_logged(databases):
         updated = account_event(EventType.ACCOUNT_UPDATED, account)
         async with (
             db.connection(ledger.pool) as conn,
-            await psycopg.AsyncConnection.connect(libpq_url(url)) as other,
+            await psycopg.AsyncConnection.connect(
+                libpq_url(url), autocommit=True, row_factory=psycopg.rows.namedtuple_row
+            ) as sequencer,
         ):
             unlogged: list[object] = []
             async with conn.transaction():
@@ -226,16 +229,17 @@ def test_events_left_unlogged_leave_the_head_free_until_logged(databases):
                     unlogged=unlogged,
                 )
                 assert [d.result for d in done] == ["POSTED"]
-                assert not await head_locked(other)
                 assert [(e["id"], e["type"]) for e in unlogged] == [
                     (updated.id, EventType.ACCOUNT_UPDATED.value),
                     (unlogged[1]["id"], EventType.TRANSACTION_CREATED.value),
                 ]
                 await store.events.log_rows(conn, unlogged)
-                assert await head_locked(other)
-            async with conn.transaction():
                 await store.postings.post(conn, [posting(account.id, EARN, CREDIT, 1)])
-                assert await head_locked(other)
+                assert not await head_locked(sequencer)
+                # The account's creation, committed before: not this transaction's three.
+                assert await store.events.sequence_events(sequencer, 100) == 1
+            assert await store.events.sequence_events(sequencer, 100) == 3
+            assert await store.events.sequence_events(sequencer, 100) == 0
         assert await logged(ledger) == [
             (EventType.ACCOUNT_CREATED, 1),
             (EventType.ACCOUNT_UPDATED, 2),
@@ -288,6 +292,7 @@ def test_the_kernel_promotes_and_logs_in_order(databases):
                 wait=False,
             )
             assert [p.points_after for p in done] == [300, 10, 600, 150, 500]
+        await sequence(ledger)
         page = await ledger.list_events(
             domain.events.EventFilter(frozenset(domain.events.EventType)), 0, 1000, check=False
         )

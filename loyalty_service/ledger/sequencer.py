@@ -1,0 +1,153 @@
+"""The event sequencer: one replica at a time gives queued events their positions in the log.
+
+Writers append their events to the queue (store.events.log_rows); every replica runs an
+EventSequencer, and the one whose connection holds the sequencer's advisory lock makes the
+passes (store.events.sequence_events), each one transaction that moves what has committed
+into the log and notifies the feeds once. The others try for the lock every
+`election_interval`: when the holder's process dies or its connection is cut, PostgreSQL
+releases the lock with the session, and another replica takes over within about that time.
+
+The advisory lock only elects; it is not what keeps two passes apart. A pass holds the
+event log head's row lock and reads the queue after taking it, so even two sequencers that
+both believed themselves elected could not move a row twice or give out a position twice
+(docs/architecture.md, "The event log").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+from .. import db, store
+
+log = logging.getLogger(__name__)
+
+
+# Seconds a queued event may wait for its position before replicas warn about it.
+LAGGING = 5.0
+
+
+@dataclass(frozen=True)
+class SequencerSettings:
+    # Seconds between looks at an empty queue: the most a quiet log adds to an event's
+    # delivery. A look at an empty queue is one index probe, and writes nothing.
+    idle_interval: float = 0.01
+    # Seconds between tries for the lock by a replica that does not hold it: about the
+    # longest the log waits for a new sequencer after the last one is gone.
+    election_interval: float = 0.5
+    # Events moved per pass, at most.
+    max_events: int = 5_000
+    # Seconds a pass may take before PostgreSQL cancels it (the connection then starts
+    # again, and with it the election).
+    statement_timeout: float = 10.0
+
+
+class EventSequencer:
+    def __init__(self, database_url: str, settings: SequencerSettings | None = None) -> None:
+        self.database_url = database_url
+        self.settings = settings or SequencerSettings()
+        self.leading = False  # whether this replica holds the lock now
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="event-sequencer")
+
+    async def close(self) -> None:
+        """Stops; if this replica sequences, after a last pass for what its calls wrote
+        (another replica takes over anyway, within `election_interval`)."""
+        self._stopping.set()
+        if self._task is not None:
+            # Past the timeout, wait_for cancels it.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._task, self.settings.statement_timeout)
+
+    async def _connect(self) -> psycopg.AsyncConnection:
+        timeout_ms = int(self.settings.statement_timeout * 1000)
+        return await psycopg.AsyncConnection.connect(
+            db.libpq_url(self.database_url),
+            autocommit=True,
+            application_name="loyalty-event-sequencer",
+            row_factory=psycopg.rows.namedtuple_row,
+            options=f"-c statement_timeout={timeout_ms} -c lock_timeout={timeout_ms}",
+        )
+
+    async def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                async with await self._connect() as conn:
+                    while not await _try_lock(conn):
+                        await self._watch(conn)
+                        if await self._stopped_within(self.settings.election_interval):
+                            return
+                    self.leading = True
+                    log.info("this replica sequences the event log")
+                    await self._sequence(conn)
+            except (psycopg.Error, OSError) as error:
+                log.warning("event sequencer lost its connection, starting again: %s", error)
+            finally:
+                if self.leading:
+                    log.info("this replica no longer sequences the event log")
+                self.leading = False
+            await self._stopped_within(self.settings.election_interval)
+
+    async def _stopped_within(self, seconds: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        return self._stopping.is_set()
+
+    async def _watch(self, conn: psycopg.AsyncConnection) -> None:
+        """A replica that does not sequence says so when nobody seems to: the oldest queued
+        event has waited longer than LAGGING."""
+        oldest = await store.events.oldest_queued(conn)
+        if oldest is not None:
+            waited = (datetime.now(UTC) - oldest).total_seconds()
+            if waited > LAGGING:
+                log.warning("the oldest queued event has waited %.1f s for a position", waited)
+
+    async def _sequence(self, conn: psycopg.AsyncConnection) -> None:
+        """Passes until stopped, then one more: the last calls' events."""
+        while True:
+            stopping = self._stopping.is_set()
+            started = time.monotonic()
+            moved = await store.events.sequence_events(conn, self.settings.max_events)
+            if time.monotonic() - started > 1.0:
+                log.warning("a pass of the event sequencer took %.1f s", time.monotonic() - started)
+            if stopping and moved < self.settings.max_events:
+                return
+            if moved == 0:
+                await asyncio.sleep(self.settings.idle_interval)
+
+
+# Seconds a read waits, at most, for the events committed before it to get their positions.
+SETTLE_TIMEOUT = 1.0
+
+
+async def settled(pool: AsyncConnectionPool) -> None:
+    """Waits until every event committed before the call has its position (normally the
+    sequencer's next pass, milliseconds): a ListEvents, or a stream that starts from now,
+    then shows everything a writer was told is done, as when writers took positions
+    themselves. With no sequencer running it gives up after SETTLE_TIMEOUT, and the read shows
+    what has positions; the rest comes later, at higher positions."""
+    async with db.connection(pool) as conn:
+        last = await store.events.last_queued(conn)
+    deadline = time.monotonic() + SETTLE_TIMEOUT
+    while last is not None and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
+        async with db.connection(pool) as conn:
+            if not await store.events.still_queued(conn, last):
+                return
+
+
+async def _try_lock(conn: psycopg.AsyncConnection) -> bool:
+    cursor = await conn.execute("SELECT pg_try_advisory_lock(%s) AS taken", [db.SEQUENCER_LOCK_ID])
+    row = await cursor.fetchone()
+    assert row is not None
+    return bool(row.taken)
