@@ -36,9 +36,9 @@ LAGGING = 5.0
 
 @dataclass(frozen=True)
 class SequencerSettings:
-    # Seconds between looks at an empty queue: the most a quiet log adds to an event's
-    # delivery. A look at an empty queue is one index probe, and writes nothing.
-    idle_interval: float = 0.01
+    # Seconds from a pass that caught up to the next: the most the sequencer adds to an
+    # event's delivery. A look at an empty queue is one index probe, and writes nothing.
+    pass_interval: float = 0.01
     # Seconds between tries for the lock by a replica that does not hold it: about the
     # longest the log waits for a new sequencer after the last one is gone.
     election_interval: float = 0.5
@@ -120,10 +120,14 @@ class EventSequencer:
             moved = await store.events.sequence_events(conn, self.settings.max_events)
             if time.monotonic() - started > 1.0:
                 log.warning("a pass of the event sequencer took %.1f s", time.monotonic() - started)
-            if stopping and moved < self.settings.max_events:
+            if moved == self.settings.max_events:
+                continue  # behind: the next pass at once
+            if stopping:
                 return
-            if moved == 0:
-                await asyncio.sleep(self.settings.idle_interval)
+            # Caught up: whatever commits meanwhile goes in the next pass together, so that
+            # under load a pass (a commit, a notification, a read by every feed) carries
+            # many events rather than a few.
+            await asyncio.sleep(self.settings.pass_interval)
 
 
 # Seconds a read waits, at most, for the events committed before it to get their positions.
