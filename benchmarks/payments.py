@@ -203,11 +203,8 @@ def pgbench_script(
     }  # fmt: skip
 
     def post(postings: list[dict[str, str]], events_before: list[dict[str, str]]) -> str:
-        # The events left unlogged are the last row's `unlogged` (\\aset keeps the last row).
-        call = store.postings.post_points_call(postings, events_before, snapshots=True, log=False)
-        return statement(call, {}) + " \\aset kernel_"
-
-    log_events = statement(store.events.LOG_EVENTS, {"events": ":kernel_unlogged::jsonb"}) + ";"
+        call = store.postings.post_points_call(postings, events_before, snapshots=True)
+        return statement(call, {}) + ";"
 
     returning = "RETURNING accounts.id"
     assert store.accounts.INSERT_ACCOUNT.rstrip().endswith(returning), store.accounts.INSERT_ACCOUNT
@@ -253,21 +250,19 @@ def pgbench_script(
         f"\\set earn_after :acct_balance + :enrolled * {welcome.points} + :points",
         f"\\set earn_lifetime :acct_lifetime_points + :enrolled * {welcome.points} + :points",
         "\\set earn_version :acct_version + :enrolled + 1",
-        # The kernel's call, then the payment's outcome, its events and the COMMIT in one round
-        # trip, as the service pipelines them.
+        # The kernel's call (which queues the events), then the payment's outcome and the
+        # COMMIT in one round trip, as the service pipelines them.
         "\\if :enrolled = 1",
         post([bonus, earned_after_bonus], [created]),
         "\\startpipeline",
         save_payment([(bonus, ":bonus_after::bigint"), (earned_after_bonus, ":earn_after::bigint")])
         + ";",
-        log_events,
         "COMMIT;",
         "\\endpipeline",
         "\\else",
         post([earned_first], []),
         "\\startpipeline",
         save_payment([(earned_first, ":earn_after::bigint")]) + ";",
-        log_events,
         "COMMIT;",
         "\\endpipeline",
         "\\endif",

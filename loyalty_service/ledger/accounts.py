@@ -13,7 +13,7 @@ from ..domain.ids import Page
 from ..domain.points import OriginKind, PointsTransaction
 from ..domain.programs import Program
 from ..store.sql import Conn
-from .postings import log_with_commit, post
+from .postings import post
 from .requests import UseCases, account_not_found, program_not_found
 
 
@@ -79,7 +79,7 @@ class AccountUseCases(UseCases):
                 metadata=account.metadata if changes.metadata is None else changes.metadata,
             )
             await self._save_account(conn, updated)
-            log_with_commit([account_event(EventType.ACCOUNT_UPDATED, updated)])
+            await store.events.log_events(conn, [account_event(EventType.ACCOUNT_UPDATED, updated)])
             return updated
 
         params = {
@@ -96,7 +96,7 @@ class AccountUseCases(UseCases):
             domain.accounts.require_active(account)
             closed = domain.accounts.revised(account, self.clock(), status=AccountStatus.CLOSED)
             await store.accounts.save_account(conn, closed)
-            log_with_commit([account_event(EventType.ACCOUNT_CLOSED, closed)])
+            await store.events.log_events(conn, [account_event(EventType.ACCOUNT_CLOSED, closed)])
             return closed
 
         return await self.run("CloseAccount", request_id, {"id": account_id}, Account, work)
@@ -112,7 +112,9 @@ class AccountUseCases(UseCases):
                 )
             reopened = domain.accounts.revised(account, self.clock(), status=AccountStatus.ACTIVE)
             await self._save_account(conn, reopened)
-            log_with_commit([account_event(EventType.ACCOUNT_REOPENED, reopened)])
+            await store.events.log_events(
+                conn, [account_event(EventType.ACCOUNT_REOPENED, reopened)]
+            )
             return reopened
 
         return await self.run("ReopenAccount", request_id, {"id": account_id}, Account, work)
@@ -148,7 +150,7 @@ class AccountUseCases(UseCases):
             ]
             if merged_target.tier != target.tier:
                 merge_events.append(account_event(EventType.ACCOUNT_TIER_CHANGED, merged_target))
-            log_with_commit(merge_events)
+            await store.events.log_events(conn, merge_events)
             return MergeResult(target=merged_target, source=merged_source)
 
         params = {"source": source_id, "target": target_id}

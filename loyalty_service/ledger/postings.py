@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from contextvars import ContextVar
 from dataclasses import replace
 
 from .. import domain, store
@@ -11,18 +10,6 @@ from ..domain.events import Event
 from ..domain.points import PointsTransaction
 from ..store.sql import Conn
 
-# The events a use case's postings leave to log, for the transaction UseCases.run holds (set
-# by run, one list per attempt). Logged with the COMMIT, after everything else the use case
-# writes: the event log's head, which serialises every writer's commit, is then held for
-# the commit's round trip only, not across the use case's next round trips.
-transaction_events: ContextVar[list[object]] = ContextVar("transaction_events")
-
-
-def log_with_commit(events: list[Event]) -> None:
-    """Queues a use case's events for UseCases.run to log with the COMMIT (see
-    transaction_events)."""
-    transaction_events.get().extend(store.events.event_rows(events))
-
 
 async def post(
     conn: Conn,
@@ -30,22 +17,15 @@ async def post(
     events_before: list[Event] | None = None,
 ) -> tuple[list[PointsTransaction], Account | None]:
     """Posts through the kernel, in order, what a use case worked out under its account's
-    lock. Their events, after `events_before`, are logged by UseCases.run with the COMMIT,
-    after whatever the use case writes next (see transaction_events). The posted
-    transactions and the account after them (None if there were none); the first refused
-    raises why, failing the use case and so undoing the others."""
+    lock, the last lock it takes; the kernel queues their events, after `events_before`.
+    The posted transactions and the account after them (None if there were none); the first
+    refused raises why, failing the use case and so undoing the others."""
     if not postings:
-        log_with_commit(events_before or [])
+        await store.events.log_events(conn, events_before or [])
         return [], None
     new = [store.postings.NewPosting(ptx, change) for ptx, change in postings]
     try:
-        done = await store.postings.post(
-            conn,
-            new,
-            snapshots=True,
-            events_before=events_before,
-            unlogged=transaction_events.get(),
-        )
+        done = await store.postings.post(conn, new, snapshots=True, events_before=events_before)
     except store.postings.NotTaken as error:
         raise error.error from None  # a use case posts without request keys: not a race of ours
     posted = []

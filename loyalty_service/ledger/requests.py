@@ -23,7 +23,6 @@ from ..domain.errors import (
     TransactionNotFound,
 )
 from ..store.sql import Conn
-from .postings import transaction_events
 
 T = TypeVar("T")
 Clock = Callable[[], datetime]
@@ -75,10 +74,8 @@ class UseCases:
 
         The request id is claimed first, in the same transaction as the change: a retry that
         races the first attempt waits for it and then replays its response. Only successful
-        responses are kept; a request that failed may be retried with the same id. The
-        change's events (its postings', and those `work` queues with log_with_commit) are
-        logged last, with the COMMIT (see ledger.postings.transaction_events); a replay
-        writes none.
+        responses are kept; a request that failed may be retried with the same id. A replay
+        writes no events.
         """
         # Without a request id there is nothing to remember (nor to fingerprint).
         key, fingerprint = request_key(method, request_id, params) if request_id else ("", "")
@@ -86,8 +83,6 @@ class UseCases:
             try:
                 # Pipeline mode sends statements whose results are not needed yet together
                 # with the next one that is: the writes and the COMMIT go in one round trip.
-                unlogged: list[object] = []
-                token = transaction_events.set(unlogged)
                 async with db.connection(self.pool) as conn, conn.pipeline(), conn.transaction():
                     if request_id:
                         stored = await store.requests.claim_request(
@@ -99,15 +94,9 @@ class UseCases:
                     result = await work(conn)
                     if request_id:
                         await store.requests.save_response(conn, key, domain.codec.to_json(result))
-                    # Last, with the COMMIT: see ledger.postings.transaction_events.
-                    await store.events.log_rows(conn, unlogged)
                     return result
             except Moved:
                 continue
-            finally:
-                # Outside run, ledger.postings.post finds no list (LookupError), rather than
-                # one whose events nobody would log.
-                transaction_events.reset(token)
         raise RuntimeError(f"{method}: the rows kept moving under concurrent changes")
 
     @staticmethod

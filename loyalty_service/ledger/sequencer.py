@@ -1,6 +1,6 @@
 """The event sequencer: one replica at a time gives queued events their positions in the log.
 
-Writers append their events to the queue (store.events.log_rows); every replica runs an
+Writers append their events to the queue (store.events.log_events); every replica runs an
 EventSequencer, and the one whose connection holds the sequencer's advisory lock makes the
 passes (store.events.sequence_events), each one transaction that moves what has committed
 into the log and notifies the feeds once. The others try for the lock every

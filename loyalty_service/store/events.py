@@ -20,13 +20,13 @@ from .sql import Conn, Row, compiled, one
 LOG_EVENTS = "SELECT log_events(%(events)s)"
 
 
-async def log_rows(conn: Conn, rows: list[object]) -> None:
-    """Appends events (as event_rows makes them, or as the kernel left them unlogged) to the
-    event queue (log_events, migration 0009), in its transaction; the sequencer gives them
-    their positions once it has committed (sequence_events)."""
-    if not rows:
-        return
-    await conn.execute(LOG_EVENTS, {"events": Jsonb(rows)})
+async def log_events(conn: Conn, new_events: list[Event]) -> None:
+    """Appends events to the event queue (SQL log_events, migration 0009), in the caller's
+    transaction, which has taken all its row locks (their order in the log follows from
+    that); the sequencer gives them their positions once it has committed
+    (sequence_events)."""
+    if new_events:
+        await conn.execute(LOG_EVENTS, {"events": Jsonb(event_rows(new_events))})
 
 
 _SEQUENCE_EVENTS = "SELECT sequence_events(%(max_events)s) AS moved"

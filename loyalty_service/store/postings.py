@@ -49,15 +49,14 @@ POSTING_KEYS = (
 )  # fmt: skip
 
 
+# `log` left to its default, true: the kernel queues the events itself.
 _POST_POINTS = (
-    "SELECT posting, result, points_after, replay_fingerprint, replay_response, account,"
-    " unlogged FROM post_points(%(postings)s, %(wait)s, %(snapshots)s, %(events)s, %(log)s)"
+    "SELECT posting, result, points_after, replay_fingerprint, replay_response, account"
+    " FROM post_points(%(postings)s, %(wait)s, %(snapshots)s, %(events)s)"
 )
 
 
 POSTED, REPLAYED, SKIPPED = "POSTED", "REPLAYED", "SKIPPED"
-# The last row of a call that leaves its events to the caller (`unlogged`).
-_UNLOGGED = "UNLOGGED"
 
 
 @dataclass(frozen=True)
@@ -137,36 +136,28 @@ async def post(
     wait: bool = True,
     snapshots: bool = False,
     events_before: list[Event] | None = None,
-    unlogged: list[object] | None = None,
 ) -> list[Posted]:
     """Posts each posting in order, each if its account is ACTIVE (or CLOSED, where its
-    change allows that) and its balance stays within the change's bounds; appends their
-    events to the log after `events_before`, as its last step. One statement, one round
+    change allows that) and its balance stays within the change's bounds; queues their
+    events after `events_before` (log_events), as its last step. One statement, one round
     trip.
 
     `wait`: wait for each account's row lock; without it, a posting whose account another
     transaction holds is SKIPPED, so the call never waits on a row lock (group commit).
     `snapshots`: fill in `account` of the last posting, if posted, as after it.
-    `unlogged`: log no events, and add them (as store.events.log_rows takes them) to this
-    list instead, for a caller that writes more after the kernel: it logs them last, with its
-    COMMIT, so that the event log's head is held for that round trip only. Raises NotTaken.
+    Raises NotTaken.
     """
     params = {
         "postings": Jsonb([_posting_row(idx, p) for idx, p in enumerate(postings)]),
         "wait": wait,
         "snapshots": snapshots,
         "events": Jsonb(event_rows(events_before or [])),
-        "log": unlogged is None,
     }
     try:
         # In pipeline mode the error may come with the rows: both are inside.
         rows = await (await conn.execute(_POST_POINTS, params)).fetchall()
     except (pg_errors.IntegrityError, pg_errors.DataError, pg_errors.TransactionRollback) as error:
         raise NotTaken(error) from None
-    if unlogged is not None:
-        last = rows.pop()
-        assert last.result == _UNLOGGED, last
-        unlogged.extend(last.unlogged)
     done = []
     for row in rows:
         prior = None
@@ -186,7 +177,9 @@ def post_points_call(
     log: bool = True,
 ) -> str:
     """The kernel's call as store.post makes it, with each posting's POSTING_KEYS and each
-    event's EVENT_KEYS given as SQL expressions: for a benchmark's pgbench baseline."""
+    event's EVENT_KEYS given as SQL expressions: for a benchmark's pgbench baseline. With
+    `log` false, the same call with its event-log writes removed (the kernel returns the
+    events, as a last row UNLOGGED, and writes none): make bench's event_log baseline."""
 
     def array(items: list[dict[str, str]], keys: tuple[str, ...]) -> str:
         objects = [

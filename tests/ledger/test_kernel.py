@@ -197,11 +197,10 @@ def test_events_before_come_first_and_a_refusal_undoes_nothing_else(databases):
 
 
 def test_writers_never_hold_the_head_and_a_pass_moves_only_what_committed(databases):
-    """Writers queue their events (log_events) and lock nothing that other writers or the
-    sequencer need: a pass while a writer's transaction is open neither waits for it nor
-    moves its events, and the next pass after its commit moves them, in order. With
-    `unlogged` the kernel queues nothing and returns the events, which the caller queues
-    (store.events.log_rows)."""
+    """Writers queue their events (log_events: in the kernel, or by a use case that posts
+    nothing) and lock nothing that other writers or the sequencer need: a pass while a
+    writer's transaction is open neither waits for it nor moves its events, and the next
+    pass after its commit moves them, in order."""
     url = databases.create()
 
     async def head_locked(other: psycopg.AsyncConnection) -> bool:
@@ -220,20 +219,10 @@ def test_writers_never_hold_the_head_and_a_pass_moves_only_what_committed(databa
                 libpq_url(url), autocommit=True, row_factory=psycopg.rows.namedtuple_row
             ) as sequencer,
         ):
-            unlogged: list[object] = []
             async with conn.transaction():
-                done = await store.postings.post(
-                    conn,
-                    [posting(account.id, EARN, CREDIT, 5)],
-                    events_before=[updated],
-                    unlogged=unlogged,
-                )
+                await store.events.log_events(conn, [updated])
+                done = await store.postings.post(conn, [posting(account.id, EARN, CREDIT, 5)])
                 assert [d.result for d in done] == ["POSTED"]
-                assert [(e["id"], e["type"]) for e in unlogged] == [
-                    (updated.id, EventType.ACCOUNT_UPDATED.value),
-                    (unlogged[1]["id"], EventType.TRANSACTION_CREATED.value),
-                ]
-                await store.events.log_rows(conn, unlogged)
                 await store.postings.post(conn, [posting(account.id, EARN, CREDIT, 1)])
                 assert not await head_locked(sequencer)
                 # The account's creation, committed before: not this transaction's three.
