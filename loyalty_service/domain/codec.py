@@ -14,10 +14,26 @@ from datetime import datetime
 T = typing.TypeVar("T")
 
 
+# Values that are JSON as they are (exact types: a StrEnum is a str, and is written as its
+# value below).
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+
+
+@functools.cache
+def _field_names(kind: type) -> tuple[str, ...] | None:
+    """A dataclass's field names, once per class (None for any other class): to_json runs
+    for every stored response, fingerprint and event snapshot."""
+    return tuple(f.name for f in fields(kind)) if is_dataclass(kind) else None
+
+
 def to_json(value: object) -> object:
     """A domain object as JSON-ready data, for stored responses."""
-    if is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_json(getattr(value, f.name)) for f in fields(value)}
+    kind = type(value)
+    if kind in _PLAIN:
+        return value
+    names = _field_names(kind)
+    if names is not None:
+        return {name: to_json(getattr(value, name)) for name in names}
     if isinstance(value, datetime):
         return value.isoformat()
     if isinstance(value, enum.Enum):

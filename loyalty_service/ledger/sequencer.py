@@ -4,7 +4,7 @@ Writers append their events to the queue (store.events.log_events); every replic
 EventSequencer, and the one whose connection holds the sequencer's advisory lock makes the
 passes (store.events.sequence_events), each one transaction that moves what has committed
 into the log and notifies the feeds once. The others try for the lock every
-`election_interval`: when the holder's process dies or its connection is cut, PostgreSQL
+ELECTION_INTERVAL: when the holder's process dies or its connection is cut, PostgreSQL
 releases the lock with the session, and another replica takes over within about that time.
 
 The advisory lock only elects; it is not what keeps two passes apart. A pass holds the
@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import psycopg
@@ -34,25 +33,22 @@ log = logging.getLogger(__name__)
 LAGGING = 5.0
 
 
-@dataclass(frozen=True)
-class SequencerSettings:
-    # Seconds from a pass that caught up to the next: the most the sequencer adds to an
-    # event's delivery. A look at an empty queue is one index probe, and writes nothing.
-    pass_interval: float = 0.01
-    # Seconds between tries for the lock by a replica that does not hold it: about the
-    # longest the log waits for a new sequencer after the last one is gone.
-    election_interval: float = 0.5
-    # Events moved per pass, at most.
-    max_events: int = 5_000
-    # Seconds a pass may take before PostgreSQL cancels it (the connection then starts
-    # again, and with it the election).
-    statement_timeout: float = 10.0
+# Seconds from a pass that caught up to the next: the most the sequencer adds to an event's
+# delivery. A look at an empty queue is one index probe, and writes nothing.
+PASS_INTERVAL = 0.01
+# Seconds between tries for the lock by a replica that does not hold it: about the longest
+# the log waits for a new sequencer after the last one is gone.
+ELECTION_INTERVAL = 0.5
+# Events moved per pass, at most.
+MAX_EVENTS = 5_000
+# Seconds a pass may take before PostgreSQL cancels it (the connection then starts again,
+# and with it the election).
+STATEMENT_TIMEOUT = 10.0
 
 
 class EventSequencer:
-    def __init__(self, database_url: str, settings: SequencerSettings | None = None) -> None:
+    def __init__(self, database_url: str) -> None:
         self.database_url = database_url
-        self.settings = settings or SequencerSettings()
         self.leading = False  # whether this replica holds the lock now
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
@@ -62,15 +58,15 @@ class EventSequencer:
 
     async def close(self) -> None:
         """Stops; if this replica sequences, after a last pass for what its calls wrote
-        (another replica takes over anyway, within `election_interval`)."""
+        (another replica takes over anyway, within ELECTION_INTERVAL)."""
         self._stopping.set()
         if self._task is not None:
             # Past the timeout, wait_for cancels it.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._task, self.settings.statement_timeout)
+                await asyncio.wait_for(self._task, STATEMENT_TIMEOUT)
 
     async def _connect(self) -> psycopg.AsyncConnection:
-        timeout_ms = int(self.settings.statement_timeout * 1000)
+        timeout_ms = int(STATEMENT_TIMEOUT * 1000)
         return await psycopg.AsyncConnection.connect(
             db.libpq_url(self.database_url),
             autocommit=True,
@@ -85,7 +81,7 @@ class EventSequencer:
                 async with await self._connect() as conn:
                     while not await _try_lock(conn):
                         await self._watch(conn)
-                        if await self._stopped_within(self.settings.election_interval):
+                        if await self._stopped_within(ELECTION_INTERVAL):
                             return
                     self.leading = True
                     log.info("this replica sequences the event log")
@@ -96,7 +92,7 @@ class EventSequencer:
                 if self.leading:
                     log.info("this replica no longer sequences the event log")
                 self.leading = False
-            await self._stopped_within(self.settings.election_interval)
+            await self._stopped_within(ELECTION_INTERVAL)
 
     async def _stopped_within(self, seconds: float) -> bool:
         with contextlib.suppress(TimeoutError):
@@ -117,17 +113,17 @@ class EventSequencer:
         while True:
             stopping = self._stopping.is_set()
             started = time.monotonic()
-            moved = await store.events.sequence_events(conn, self.settings.max_events)
+            moved = await store.events.sequence_events(conn, MAX_EVENTS)
             if time.monotonic() - started > 1.0:
                 log.warning("a pass of the event sequencer took %.1f s", time.monotonic() - started)
-            if moved == self.settings.max_events:
+            if moved == MAX_EVENTS:
                 continue  # behind: the next pass at once
             if stopping:
                 return
             # Caught up: whatever commits meanwhile goes in the next pass together, so that
             # under load a pass (a commit, a notification, a read by every feed) carries
             # many events rather than a few.
-            await asyncio.sleep(self.settings.pass_interval)
+            await asyncio.sleep(PASS_INTERVAL)
 
 
 # Seconds a read waits, at most, for the events committed before it to get their positions.
