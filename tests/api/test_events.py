@@ -712,3 +712,47 @@ def test_the_server_prunes_on_its_own_by_the_retention_setting(fresh):
         OUT_OF_RANGE,
         "EVENT_POSITION_EXPIRED",
     )
+
+
+def test_hundreds_of_writers_on_two_replicas_reach_a_resuming_subscriber_once(fresh):
+    """300 postings at once through two replicas on five accounts, while a subscriber on one
+    of them disconnects after every response that brings events and resumes after its
+    position: every event once, at positions with no gap, each account's in the order of its
+    changes (points_after 1, 2, 3, ...)."""
+    one, two = fresh(), fresh()
+    accounts = [create_account(one.accounts).id for _ in range(5)]  # positions 1-5
+    writes = 300
+    received: list = []
+    resumes = 0
+
+    def subscribe() -> None:
+        nonlocal resumes
+        after = 5
+        while len(received) < writes:
+            call = two.points.SubscribeTransactionEvents(
+                points_pb2.SubscribeTransactionEventsRequest(after_position=after), timeout=30
+            )
+            for response in call:
+                received.extend(response.events)
+                after = response.position
+                if response.events:
+                    break
+            call.cancel()
+            resumes += 1
+
+    reader = threading.Thread(target=subscribe, daemon=True)
+    reader.start()
+    futures = [
+        (one, two)[i % 2].points.CreatePointsTransaction.future(
+            points_pb2.CreatePointsTransactionRequest(account=accounts[i % 5], type=EARN, amount=1)
+        )
+        for i in range(writes)
+    ]
+    posted = {f.result(timeout=60).id for f in futures}
+    reader.join(timeout=30)
+    assert not reader.is_alive() and resumes >= 2
+    assert [e.position for e in received] == list(range(6, 6 + writes))
+    assert {e.snapshot.id for e in received} == posted
+    for account in accounts:
+        mine = [e.snapshot.points_after for e in received if e.account == account]
+        assert mine == list(range(1, writes // 5 + 1))
