@@ -227,7 +227,8 @@ events = sa.Table(
 )
 
 # Events written and not yet in the log: a writer's transaction appends its events here, in
-# order (`ord`) under one value of event_queue_seq taken after all its row locks.
+# order (`ord`) under one value of event_queue_seq taken after all its row locks. Its checks
+# are the log's (migration 0009 made it LIKE events): a new event type changes both.
 event_queue = sa.Table(
     "event_queue",
     metadata,
