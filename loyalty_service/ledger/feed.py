@@ -222,7 +222,8 @@ class EventFeed:
         """The position a stream starts after: `after` if it is still valid, just before the
         oldest retained event, or (by default) the newest event: from now, after every
         event committed before the call."""
-        await settled(self.pool)
+        if after is None:
+            await settled(self.pool)
         async with db.connection(self.pool) as conn:
             page = await store.events.events_page(conn, EVERY_EVENT, 0, 0)
         if after is not None:

@@ -44,6 +44,8 @@ MAX_EVENTS = 5_000
 # Seconds a pass may take before PostgreSQL cancels it (the connection then starts again,
 # and with it the election).
 STATEMENT_TIMEOUT = 10.0
+# Seconds a sequencer's session may sit idle before PostgreSQL ends it (see _connect).
+IDLE_SESSION_TIMEOUT = 5.0
 
 
 class EventSequencer:
@@ -67,12 +69,20 @@ class EventSequencer:
 
     async def _connect(self) -> psycopg.AsyncConnection:
         timeout_ms = int(STATEMENT_TIMEOUT * 1000)
+        # idle_session_timeout: a session of ours is never idle for long (a pass every
+        # PASS_INTERVAL, a try for the lock every ELECTION_INTERVAL), so PostgreSQL ends one
+        # whose process vanished without closing its connection (its host lost), and with
+        # it the lock, instead of keeping it until TCP gives up, hours later.
         return await psycopg.AsyncConnection.connect(
             db.libpq_url(self.database_url),
             autocommit=True,
             application_name="loyalty-event-sequencer",
             row_factory=psycopg.rows.namedtuple_row,
-            options=f"-c statement_timeout={timeout_ms} -c lock_timeout={timeout_ms}",
+            connect_timeout=int(STATEMENT_TIMEOUT),
+            options=(
+                f"-c statement_timeout={timeout_ms} -c lock_timeout={timeout_ms}"
+                f" -c idle_session_timeout={int(IDLE_SESSION_TIMEOUT * 1000)}"
+            ),
         )
 
     async def _run(self) -> None:
@@ -86,8 +96,8 @@ class EventSequencer:
                     self.leading = True
                     log.info("this replica sequences the event log")
                     await self._sequence(conn)
-            except (psycopg.Error, OSError) as error:
-                log.warning("event sequencer lost its connection, starting again: %s", error)
+            except Exception as error:  # whatever it was, the next connection starts afresh
+                log.warning("event sequencer stopped, starting again: %r", error)
             finally:
                 if self.leading:
                     log.info("this replica no longer sequences the event log")
@@ -113,7 +123,9 @@ class EventSequencer:
         while True:
             stopping = self._stopping.is_set()
             started = time.monotonic()
-            moved = await store.events.sequence_events(conn, MAX_EVENTS)
+            # Also on this side: a connection whose server went silent fails the pass.
+            async with asyncio.timeout(STATEMENT_TIMEOUT + ELECTION_INTERVAL):
+                moved = await store.events.sequence_events(conn, MAX_EVENTS)
             if time.monotonic() - started > 1.0:
                 log.warning("a pass of the event sequencer took %.1f s", time.monotonic() - started)
             if moved == MAX_EVENTS:
@@ -140,7 +152,7 @@ async def settled(pool: AsyncConnectionPool) -> None:
         last = await store.events.last_queued(conn)
     deadline = time.monotonic() + SETTLE_TIMEOUT
     while last is not None and time.monotonic() < deadline:
-        await asyncio.sleep(0.005)
+        await asyncio.sleep(PASS_INTERVAL)
         async with db.connection(pool) as conn:
             if not await store.events.still_queued(conn, last):
                 return

@@ -95,7 +95,9 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    op.execute("SELECT sequence_events(2147483647)")  # what is queued goes into the log first
+    # What is queued goes into the log first; writers still running wait for the table.
+    op.execute("LOCK TABLE event_queue IN ACCESS EXCLUSIVE MODE")
+    op.execute("SELECT sequence_events(2147483647)")
     op.execute("DROP FUNCTION sequence_events(int)")
     op.execute("DROP FUNCTION log_events(jsonb)")
     op.execute(context.script.get_revision("0006").module.LOG_EVENTS)

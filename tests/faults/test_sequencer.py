@@ -6,6 +6,7 @@ disconnecting and resuming receives each event exactly once, in order."""
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 
@@ -14,8 +15,10 @@ import psycopg
 
 from loyalty_service.db import SEQUENCER_LOCK_ID, libpq_url
 from loyalty_service.pb import points_pb2, points_pb2_grpc
+from tests.events_support import all_events, event_of
 from tests.faults.scale import pick
 from tests.faults.workload import Server, Workload
+from tests.support import EARN, Stubs, create_account, post
 
 TAKEOVER = 5.0  # seconds another replica may take to sequence (election every 0.5 s)
 
@@ -31,10 +34,10 @@ def _sequencing_backend(url: str) -> int | None:
     return row[0] if row else None
 
 
-def _wait_for_a_new_sequencer(url: str, gone: int) -> float:
+def _wait_for_a_new_sequencer(url: str, gone: int, within: float = TAKEOVER) -> float:
     started = time.monotonic()
     while (pid := _sequencing_backend(url)) is None or pid == gone:
-        assert time.monotonic() - started < TAKEOVER, "no replica took over the sequencing"
+        assert time.monotonic() - started < within, "no replica took over the sequencing"
         time.sleep(0.05)
     return time.monotonic() - started
 
@@ -161,3 +164,31 @@ def test_the_sequencer_fails_over_and_the_log_stays_whole(databases, start_repli
         f" {subscriber.resumes} times"
     )
     first.assert_clean_exit()
+
+
+def test_a_frozen_sequencer_gives_way_without_its_connection_closing(databases, start_replica):
+    """The sequencing process stops (SIGSTOP: as a host that vanished, its connection stays
+    open, nothing closes it). PostgreSQL ends its idle session (idle_session_timeout), and
+    with it the lock; the other replica takes over and the events written meanwhile get
+    their positions. Woken again, the first one sequences no more."""
+    url = databases.create()
+    first = start_replica(url)
+    frozen = _sequencing_backend(url)
+    assert frozen is not None
+    second = start_replica(url)
+    first.process.send_signal(signal.SIGSTOP)
+    try:
+        taken_over = _wait_for_a_new_sequencer(url, gone=frozen, within=15.0)
+        with grpc.insecure_channel(second.address) as channel:
+            stubs = Stubs(channel)
+            account = create_account(stubs.accounts)
+            post(stubs.points, account.id, EARN, 1)
+            listed = all_events(channel)
+        assert [event_of(e).type for e in listed] == [
+            "loyalty.account.created", "points_transaction.created"
+        ]  # fmt: skip
+    finally:
+        first.process.send_signal(signal.SIGCONT)
+    assert taken_over < 15.0
+    first.wait_serving()
+    assert _sequencing_backend(url) not in (None, frozen)
