@@ -30,8 +30,8 @@ class PaymentUseCases(UseCases):
         """Records a payment and credits what its program's earning rules give, once per
         payment id. Locks, in order: the program (KEY SHARE, against archiving and currency
         changes), the payment id (its row's insert: a replay waits for the first attempt),
-        the customer's account (FOR UPDATE, or the unique index on a new one), the event
-        log's head (last, in the posting kernel)."""
+        the customer's account (FOR UPDATE, or the unique index on a new one); then the
+        posting kernel queues the events, after every lock."""
         fingerprint = fingerprint_of(new)
         reused = PaymentIdReused(f"payment {new.id} was recorded with other fields", payment=new.id)
 
@@ -47,7 +47,7 @@ class PaymentUseCases(UseCases):
             # After the claim: a replay answers as the first time, whatever changed since.
             domain.payments.check_payment_currency(program, new.currency)
             result, earn_ids = await _settle(conn, program, new, now)
-            # A row this transaction inserted; before the event log's head (UseCases.run).
+            # A row this transaction inserted: no lock taken after the kernel's.
             account_id = result.account.id if result.account else None
             await store.payments.save_payment(
                 conn,
@@ -65,7 +65,8 @@ class PaymentUseCases(UseCases):
     async def record_refund(self, new: domain.payments.NewRefund) -> RefundResult:
         """Records a refund and reverses its share of the payment's earns, once per refund
         id. Locks, in order: the payment (FOR UPDATE: its refunds one at a time), the refund
-        id, the account holding the earns, the earns (in id order), the event log's head."""
+        id, the account holding the earns, the earns (in id order); then the posting kernel
+        queues the events, after every lock."""
         fingerprint = fingerprint_of(new)
         reused = RefundIdReused(f"refund {new.id} was recorded with other fields", refund=new.id)
 
@@ -88,7 +89,7 @@ class PaymentUseCases(UseCases):
             await store.payments.save_refunded(conn, payment.id, refunded)
             refund = domain.payments.Refund(new.id, payment.id, new.amount, refunded, now)
             result = RefundResult(refund, reversals, account)
-            # Rows this transaction holds; before the event log's head (UseCases.run).
+            # Rows this transaction holds: no lock taken after the kernel's.
             await store.payments.save_refund(conn, new.id, domain.codec.to_json(result))
             return result
 

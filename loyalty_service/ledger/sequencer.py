@@ -51,7 +51,6 @@ IDLE_SESSION_TIMEOUT = 5.0
 class EventSequencer:
     def __init__(self, database_url: str) -> None:
         self.database_url = database_url
-        self.leading = False  # whether this replica holds the lock now
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
 
@@ -87,21 +86,21 @@ class EventSequencer:
 
     async def _run(self) -> None:
         while not self._stopping.is_set():
+            leading = False
             try:
                 async with await self._connect() as conn:
                     while not await _try_lock(conn):
                         await self._watch(conn)
                         if await self._stopped_within(ELECTION_INTERVAL):
                             return
-                    self.leading = True
+                    leading = True
                     log.info("this replica sequences the event log")
                     await self._sequence(conn)
             except Exception as error:  # whatever it was, the next connection starts afresh
                 log.warning("event sequencer stopped, starting again: %r", error)
             finally:
-                if self.leading:
+                if leading:
                     log.info("this replica no longer sequences the event log")
-                self.leading = False
             await self._stopped_within(ELECTION_INTERVAL)
 
     async def _stopped_within(self, seconds: float) -> bool:
@@ -126,8 +125,9 @@ class EventSequencer:
             # Also on this side: a connection whose server went silent fails the pass.
             async with asyncio.timeout(STATEMENT_TIMEOUT + ELECTION_INTERVAL):
                 moved = await store.events.sequence_events(conn, MAX_EVENTS)
-            if time.monotonic() - started > 1.0:
-                log.warning("a pass of the event sequencer took %.1f s", time.monotonic() - started)
+            took = time.monotonic() - started
+            if took > 1.0:
+                log.warning("a pass of the event sequencer took %.1f s", took)
             if moved == MAX_EVENTS:
                 continue  # behind: the next pass at once
             if stopping:

@@ -77,9 +77,12 @@ class Queued:
     oldest: datetime | None
 
 
+_QUEUED = "SELECT count(*) AS n, min(create_time) AS oldest FROM event_queue"
+
+
 async def queued(conn: Conn) -> Queued:
     """The events waiting for a position: how many (a count of the queue), the oldest's time."""
-    row = await one(conn, "SELECT count(*) AS n, min(create_time) AS oldest FROM event_queue", {})
+    row = await one(conn, _QUEUED, {})
     assert row is not None
     return Queued(row.n, row.oldest)
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
+import psycopg
+
 from loyalty_service import db, store
+from loyalty_service.db import libpq_url
 from loyalty_service.ledger import Ledger
 from loyalty_service.ledger.checks import find_violations
 
@@ -27,3 +30,11 @@ async def sequence(ledger: Ledger) -> None:
     async with db.connection(ledger.pool) as conn:
         while await store.events.sequence_events(conn, 1_000):
             pass
+
+
+async def autocommit_connection(url: str) -> psycopg.AsyncConnection:
+    """A connection of its own (another writer, a sequencer), as the pool's: autocommit, rows
+    as named tuples."""
+    return await psycopg.AsyncConnection.connect(
+        libpq_url(url), autocommit=True, row_factory=psycopg.rows.namedtuple_row
+    )

@@ -10,19 +10,12 @@ import asyncio
 import psycopg
 
 from loyalty_service import db, store
-from loyalty_service.db import libpq_url
 from loyalty_service.domain.points import Direction, TransactionType
 from loyalty_service.ledger import Ledger
-from tests.ledger.support import run, sequence
+from tests.ledger.support import autocommit_connection, run, sequence
 from tests.ledger.test_kernel import posting
 
 EARN = (TransactionType.EARN, Direction.CREDIT)
-
-
-async def _connect(url: str) -> psycopg.AsyncConnection:
-    return await psycopg.AsyncConnection.connect(
-        libpq_url(url), autocommit=True, row_factory=psycopg.rows.namedtuple_row
-    )
 
 
 async def _transaction_events(conn: psycopg.AsyncConnection, account: str) -> list[tuple]:
@@ -45,7 +38,10 @@ def test_an_accounts_events_follow_its_commits_when_the_later_took_its_xid_first
 
     async def scenario(ledger: Ledger) -> None:
         account = (await ledger.create_account("prog_default", None, {})).id
-        async with await _connect(url) as first, await _connect(url) as later:
+        async with (
+            await autocommit_connection(url) as first,
+            await autocommit_connection(url) as later,
+        ):
             async with later.transaction():
                 await later.execute("SELECT pg_current_xact_id()")  # the older transaction id
                 async with first.transaction():
@@ -84,7 +80,7 @@ def test_passes_that_race_never_move_an_event_twice_nor_leave_a_gap(databases):
 
         async def sequencer() -> int:
             moved = 0
-            async with await _connect(url) as conn:
+            async with await autocommit_connection(url) as conn:
                 while writing:
                     moved += await store.events.sequence_events(conn, 7)
                 moved += await store.events.sequence_events(conn, 10_000)
@@ -96,7 +92,7 @@ def test_passes_that_race_never_move_an_event_twice_nor_leave_a_gap(databases):
         moved = sum(await asyncio.gather(*sequencers))
         total = accounts + writers * postings  # each account's creation, then the postings
         assert moved == total
-        async with await _connect(url) as conn:
+        async with await autocommit_connection(url) as conn:
             cursor = await conn.execute(
                 "SELECT count(*) AS n, min(position) AS low, max(position) AS high,"
                 " count(DISTINCT id) AS ids, (SELECT position FROM event_log_head) AS head,"

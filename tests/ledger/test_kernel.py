@@ -38,7 +38,7 @@ from loyalty_service.domain.points import (
 from loyalty_service.domain.programs import NewProgram, Tier
 from loyalty_service.ledger import Ledger
 from tests.domain.test_tiers import TIER_CASES
-from tests.ledger.support import run, sequence
+from tests.ledger.support import autocommit_connection, run, sequence
 
 EARN, REDEEM = TransactionType.EARN, TransactionType.REDEEM
 CREDIT, DEBIT = Direction.CREDIT, Direction.DEBIT
@@ -215,9 +215,7 @@ def test_writers_never_hold_the_head_and_a_pass_moves_only_what_committed(databa
         updated = account_event(EventType.ACCOUNT_UPDATED, account)
         async with (
             db.connection(ledger.pool) as conn,
-            await psycopg.AsyncConnection.connect(
-                libpq_url(url), autocommit=True, row_factory=psycopg.rows.namedtuple_row
-            ) as sequencer,
+            await autocommit_connection(url) as sequencer,
         ):
             async with conn.transaction():
                 await store.events.log_events(conn, [updated])
