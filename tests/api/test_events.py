@@ -721,6 +721,9 @@ def test_hundreds_of_writers_on_two_replicas_reach_a_resuming_subscriber_once(fr
     changes (points_after 1, 2, 3, ...)."""
     one, two = fresh(), fresh()
     accounts = [create_account(one.accounts).id for _ in range(5)]  # positions 1-5
+    # A subscriber resumes only after a position it has seen: see 1-5 through the replica
+    # it subscribes to (a resume past the head is OUT_OF_RANGE).
+    assert [event_of(e).position for e in all_events(two.channel)] == [1, 2, 3, 4, 5]
     writes = 300
     received: list = []
     resumes = 0

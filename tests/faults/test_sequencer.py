@@ -24,10 +24,12 @@ TAKEOVER = 5.0  # seconds another replica may take to sequence (election every 0
 
 
 def _sequencing_backend(url: str) -> int | None:
-    """The PostgreSQL backend whose session holds the sequencer's lock."""
+    """The PostgreSQL backend whose session holds the sequencer's lock on this database (an
+    advisory lock is per database; pg_locks shows the whole server's)."""
     with psycopg.connect(libpq_url(url), autocommit=True) as conn:
         row = conn.execute(
             "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
             " AND (classid::bigint << 32 | objid::bigint) = %s",
             [SEQUENCER_LOCK_ID],
         ).fetchone()
