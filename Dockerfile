@@ -27,6 +27,9 @@ RUN rm -rf loyalty_service/gen && mkdir loyalty_service/gen \
     && python -c "import loyalty_service.server"
 
 FROM python:3.11-slim
+# Listening beyond loopback, the server needs an identity source and a policy (README
+# "Callers": LOYALTY_JWT_JWKS, LOYALTY_TRUST_FORWARDED_CLIENT_CERT behind a mesh sidecar, or
+# LOYALTY_TLS_*; with LOYALTY_POLICY_FILE), or LOYALTY_TRUSTED_NETWORK=true; else it exits 2.
 RUN useradd --system --create-home --uid 10001 loyalty
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build --chown=root:root /app /app

@@ -152,7 +152,7 @@ def pgbench_script(
             "origin_id": payment_id if by_payment else text(rule.id), "reverses_id": "NULL::text",
             "rule_id": text(rule.id), "rule_version": str(rule.version),
             "metadata": "'{}'::jsonb", "create_time": now, "key": "NULL::text",
-            "fingerprint": "NULL::text", "event_id": ids[event],
+            "fingerprint": "NULL::text", "actor": "'anonymous'", "event_id": ids[event],
         }  # fmt: skip
 
     def earn_json(params: dict[str, str], after: str) -> str:

@@ -214,6 +214,7 @@ PGBENCH_PARAMS = {
     # as a bound parameter has (a volatile function would be evaluated once per use).
     "key": "'CreatePointsTransaction#' || :k::text",
     "fingerprint": "md5(:k::text)",
+    "actor": "'anonymous'",
     "event_id": "'evt_' || substr(md5('evt' || :k::text), 1, 20)",
 }
 HOT_PARAMS = {

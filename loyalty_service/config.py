@@ -14,7 +14,32 @@ class Settings:
     # PostgreSQL URL; None starts the embedded server in data_dir.
     database_url: str | None = None
     data_dir: Path = Path(".loyalty-data")
-    listen_address: str = "[::]:50051"
+    # Loopback only by default: anywhere else needs an identity source, or trusted_network.
+    listen_address: str = "localhost:50051"
+    # -- who is calling (README "Callers"); several sources may be on at once ------------
+    # PEM files: serve TLS with this certificate and key; with a client CA, require client
+    # certificates it signed (mTLS), whose URI SAN, else subject CN, is the caller.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
+    # The caller from the x-forwarded-client-cert header of a mesh sidecar that terminated
+    # mTLS (Envoy, Istio). Only behind such a sidecar: anyone else could forge the header.
+    trust_forwarded_client_cert: bool = False
+    # Bearer tokens (JWT) signed by a key of this JWKS (a file, or an http(s) URL), from
+    # this issuer, for this audience; exp and nbf are checked with `jwt_leeway` seconds.
+    jwt_jwks: str = ""
+    jwt_issuer: str = ""
+    jwt_audience: str = ""
+    jwt_leeway: float = 30.0
+    jwt_algorithms: str = "RS256,ES256"
+    # TOML: which identities get which scopes and programs (README "Callers"). Required
+    # with an identity source; without one every caller is `anonymous`, with every scope.
+    policy_file: str = ""
+    # Listening beyond loopback with no identity source refuses to start unless this says
+    # the network itself lets only trusted callers in.
+    trusted_network: bool = False
+    # gRPC server reflection (grpcurl's `list` and `describe`).
+    reflection: bool = True
     pool_size: int = 10
     # Seconds a statement (including its wait for a row lock) may take before it is cancelled.
     statement_timeout: float = 10.0
@@ -65,7 +90,26 @@ class Settings:
     # Print a span per RPC to stdout (OpenTelemetry console exporter).
     trace_console: bool = False
 
+    @property
+    def authenticates(self) -> bool:
+        """Whether any identity source is on."""
+        return bool(self.tls_client_ca_file or self.trust_forwarded_client_cert or self.jwt_jwks)
+
     def __post_init__(self) -> None:
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("LOYALTY_TLS_CERT_FILE and LOYALTY_TLS_KEY_FILE go together")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("LOYALTY_TLS_CLIENT_CA_FILE needs LOYALTY_TLS_CERT_FILE and _KEY_FILE")
+        if self.jwt_jwks and not (self.jwt_issuer and self.jwt_audience):
+            raise ValueError("LOYALTY_JWT_JWKS needs LOYALTY_JWT_ISSUER and LOYALTY_JWT_AUDIENCE")
+        if self.authenticates != bool(self.policy_file):
+            raise ValueError(
+                "LOYALTY_POLICY_FILE goes with an identity source (LOYALTY_TLS_CLIENT_CA_FILE,"
+                " LOYALTY_TRUST_FORWARDED_CLIENT_CERT or LOYALTY_JWT_JWKS), and each of those"
+                " with a policy file"
+            )
+        if not 0 <= self.jwt_leeway <= 300:
+            raise ValueError("LOYALTY_JWT_LEEWAY must be 0 to 300 seconds")
         if self.request_id_retention_hours < 24:
             raise ValueError("LOYALTY_REQUEST_ID_RETENTION_HOURS must be at least 24 (AIP-155)")
         if self.pool_size < 1:

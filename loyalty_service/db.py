@@ -32,6 +32,12 @@ metadata = sa.MetaData(
 NOW = sa.text("now()")
 
 
+def _actor() -> sa.Column:
+    """The identity of the caller that made the row's change ('' before it was recorded:
+    migration 0010)."""
+    return sa.Column("actor", sa.Text, nullable=False, server_default="")
+
+
 def _id_and_seq() -> tuple[sa.Column, sa.Column]:
     """The columns that begin a table whose rows are listed in pages: the id, and seq, the
     order of insertion and the keyset for paging (newest first is seq descending)."""
@@ -44,6 +50,7 @@ def _id_and_seq() -> tuple[sa.Column, sa.Column]:
 programs = sa.Table(
     "programs",
     metadata,
+    _actor(),
     *_id_and_seq(),
     sa.Column("name", sa.Text, nullable=False),
     # ISO 4217; fixed once the program has an account.
@@ -62,6 +69,7 @@ programs = sa.Table(
 accounts = sa.Table(
     "accounts",
     metadata,
+    _actor(),
     *_id_and_seq(),
     sa.Column("program_id", sa.Text, sa.ForeignKey("programs.id"), nullable=False),
     sa.Column("customer", sa.Text),
@@ -101,6 +109,7 @@ accounts = sa.Table(
 points_transactions = sa.Table(
     "points_transactions",
     metadata,
+    _actor(),
     *_id_and_seq(),
     sa.Column("account_id", sa.Text, sa.ForeignKey("accounts.id"), nullable=False),
     # Where the transaction was posted, once a merge has moved it to another account.
@@ -133,6 +142,7 @@ points_transactions = sa.Table(
 account_merges = sa.Table(
     "account_merges",
     metadata,
+    _actor(),
     sa.Column("source_id", sa.Text, sa.ForeignKey("accounts.id"), primary_key=True),
     sa.Column("target_id", sa.Text, sa.ForeignKey("accounts.id"), nullable=False),
     sa.Column("balance_moved", sa.BigInteger, nullable=False),
@@ -147,6 +157,7 @@ account_merges = sa.Table(
 earning_rule_versions = sa.Table(
     "earning_rule_versions",
     metadata,
+    _actor(),
     sa.Column("rule_id", sa.Text, primary_key=True),
     sa.Column("version", sa.Integer, primary_key=True),
     sa.Column("program_id", sa.Text, sa.ForeignKey("programs.id"), nullable=False),
@@ -160,6 +171,7 @@ earning_rule_versions = sa.Table(
 payments = sa.Table(
     "payments",
     metadata,
+    _actor(),
     sa.Column("id", sa.Text, primary_key=True),
     sa.Column("program_id", sa.Text, sa.ForeignKey("programs.id"), nullable=False),
     sa.Column("customer", sa.Text),
@@ -183,6 +195,7 @@ payments = sa.Table(
 refunds = sa.Table(
     "refunds",
     metadata,
+    _actor(),
     sa.Column("id", sa.Text, primary_key=True),
     sa.Column("payment_id", sa.Text, sa.ForeignKey("payments.id"), nullable=False),
     sa.Column("amount", sa.BigInteger, nullable=False),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import ipaddress
 import logging
 import signal
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from . import db, pb, store, telemetry
-from .api import LoyaltyAccounts, LoyaltyEvents, LoyaltyPrograms, PointsLedger, errors
+from .api import LoyaltyAccounts, LoyaltyEvents, LoyaltyPrograms, PointsLedger, callers, errors
 from .api.paging import PageTokens
 from .api.streams import EventEncoder
 from .config import Settings
@@ -64,6 +65,7 @@ class LoyaltyServer:
         )
         self.sequencer = EventSequencer(database_url)
         self.health = health.aio.HealthServicer()
+        self.guard = callers.guard(settings)
         self.server = grpc.aio.server(
             interceptors=telemetry.interceptors(settings), options=channel_options(settings)
         )
@@ -94,15 +96,20 @@ class LoyaltyServer:
             (health_pb2_grpc.add_HealthServicer_to_server, self.health),
         ]
         for add_to_server, servicer in servicers:
-            _add_servicer(add_to_server, servicer, self.server)
-        names = (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME)
-        _add_servicer(
-            reflection_pb2_grpc.add_ServerReflectionServicer_to_server,
-            reflection.aio.ReflectionServicer(names),
-            self.server,
-        )
+            _add_servicer(add_to_server, servicer, self.server, self.guard)
+        if self.settings.reflection:
+            names = (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME)
+            _add_servicer(
+                reflection_pb2_grpc.add_ServerReflectionServicer_to_server,
+                reflection.aio.ReflectionServicer(names),
+                self.server,
+            )
         try:
-            self.port = self.server.add_insecure_port(self.settings.listen_address)
+            credentials = server_credentials(self.settings)
+            if credentials is None:
+                self.port = self.server.add_insecure_port(self.settings.listen_address)
+            else:
+                self.port = self.server.add_secure_port(self.settings.listen_address, credentials)
         except RuntimeError as error:
             # Port sharing is off (channel_options): a taken port is an error, not a second
             # server silently splitting the traffic.
@@ -260,7 +267,63 @@ def channel_options(settings: Settings) -> list[tuple[str, int]]:
     ]
 
 
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS from the certificate and key files; client certificates required when a client
+    CA is set (mTLS). None: plaintext."""
+    if not settings.tls_cert_file:
+        return None
+
+    def read(path: str) -> bytes:
+        with open(path, "rb") as file:
+            return file.read()
+
+    pair = (read(settings.tls_key_file), read(settings.tls_cert_file))
+    client_ca = read(settings.tls_client_ca_file) if settings.tls_client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [pair], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+class Unprotected(Exception):
+    """Asked to listen beyond loopback with no identity source and no word that the network
+    is trusted."""
+
+
+def check_exposure(settings: Settings) -> None:
+    """Raises Unprotected, or warns (at every start) when a trusted network lets anyone who
+    reaches the port act on every account."""
+    if settings.authenticates or _loopback(settings.listen_address):
+        return
+    if not settings.trusted_network:
+        raise Unprotected(
+            f"refusing to listen on {settings.listen_address} with no identity source: anyone"
+            " who reaches it could mint points. Configure LOYALTY_TLS_CLIENT_CA_FILE,"
+            " LOYALTY_TRUST_FORWARDED_CLIENT_CERT or LOYALTY_JWT_JWKS with"
+            " LOYALTY_POLICY_FILE, or set LOYALTY_TRUSTED_NETWORK=true"
+        )
+    log.warning(
+        "no identity source: every caller on %s is `anonymous`, with every scope"
+        " (LOYALTY_TRUSTED_NETWORK=true)",
+        settings.listen_address,
+    )
+
+
+def _loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
 async def serve(settings: Settings, database_url: str) -> None:
+    try:
+        check_exposure(settings)
+    except Unprotected as error:
+        log.error("%s", error)
+        raise SystemExit(2) from None
     server = LoyaltyServer(settings, database_url)
     try:
         await server.start()
@@ -278,11 +341,15 @@ async def serve(settings: Settings, database_url: str) -> None:
 
 
 def _add_servicer(
-    add_to_server: Callable[[Any, Any], None], servicer: object, server: grpc.aio.Server
+    add_to_server: Callable[[Any, Any], None],
+    servicer: object,
+    server: grpc.aio.Server,
+    guard: callers.Guard | None = None,
 ) -> None:
     """Registers a servicer as its generated add_*_to_server does, with its handlers guarded
-    (_guarded) and, for our own services, streams that send the bytes their handlers yield
-    as they are (see api.streams.EventEncoder)."""
+    (_guarded; calls of our own services admitted by `guard` first) and, for our own
+    services, streams that send the bytes their handlers yield as they are (see
+    api.streams.EventEncoder). Health and reflection are open to every caller."""
     found: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
 
     class Capture:
@@ -296,9 +363,9 @@ def _add_servicer(
 
     add_to_server(servicer, Capture())
     ((service, handlers),) = found.items()
-    yields_bytes = service in SERVICE_NAMES
+    ours = service in SERVICE_NAMES
     handlers = {
-        name: _guarded(f"/{service}/{name}", handler, yields_bytes)
+        name: _guarded(f"/{service}/{name}", handler, ours, guard if ours else None)
         for name, handler in handlers.items()
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
@@ -306,10 +373,14 @@ def _add_servicer(
 
 
 def _guarded(
-    method: str, handler: grpc.RpcMethodHandler, yields_bytes: bool
+    method: str,
+    handler: grpc.RpcMethodHandler,
+    yields_bytes: bool,
+    guard: callers.Guard | None,
 ) -> grpc.RpcMethodHandler:
-    """The handler, with undecodable requests answered INVALID_ARGUMENT MALFORMED_REQUEST
-    (gRPC itself answers UNKNOWN and logs a traceback per request)."""
+    """The handler, with its calls admitted by `guard` first (if any), and undecodable
+    requests answered INVALID_ARGUMENT MALFORMED_REQUEST (gRPC itself answers UNKNOWN and
+    logs a traceback per request)."""
     deserialize = handler.request_deserializer
 
     def parse(data: bytes) -> object:
@@ -318,16 +389,20 @@ def _guarded(
         except Exception as error:  # protobuf's DecodeError, or invalid UTF-8 in a string
             return errors.Undecodable(error)
 
-    async def refuse(request: object, context: grpc.aio.ServicerContext) -> None:
+    async def refusal(request: object, context: grpc.aio.ServicerContext) -> grpc.Status | None:
+        if guard is not None and (refused := await guard.refusal(method, context)):
+            return refused
         if isinstance(request, errors.Undecodable):
-            await context.abort_with_status(errors.malformed_request(method, request))
+            return errors.malformed_request(method, request)
+        return None
 
     if handler.request_streaming:  # reflection's one method streams both ways
         both = handler.stream_stream
 
         async def checked(requests: Any, context: grpc.aio.ServicerContext) -> Any:
             async for request in requests:
-                await refuse(request, context)
+                if isinstance(request, errors.Undecodable):
+                    await context.abort_with_status(errors.malformed_request(method, request))
                 yield request
 
         async def guarded_both(requests: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -340,7 +415,9 @@ def _guarded(
         unary = handler.unary_unary
 
         async def guarded_unary(request: object, context: grpc.aio.ServicerContext) -> object:
-            await refuse(request, context)
+            if (refused := await refusal(request, context)) is not None:
+                errors.end(context, refused)
+                return None
             return await unary(request, context)
 
         return handler._replace(request_deserializer=parse, unary_unary=guarded_unary)  # type: ignore[attr-defined]
@@ -349,14 +426,18 @@ def _guarded(
     if inspect.isasyncgenfunction(stream):
 
         async def guarded_stream(request: object, context: grpc.aio.ServicerContext) -> Any:
-            await refuse(request, context)
+            if (refused := await refusal(request, context)) is not None:
+                errors.end(context, refused)
+                return
             async for response in stream(request, context):
                 yield response
 
     else:  # a stream that writes with context.write, as health's Watch does
 
         async def guarded_stream(request: object, context: grpc.aio.ServicerContext) -> Any:
-            await refuse(request, context)
+            if (refused := await refusal(request, context)) is not None:
+                errors.end(context, refused)
+                return None
             return await stream(request, context)
 
     return handler._replace(  # type: ignore[attr-defined]

@@ -111,8 +111,17 @@ class ServiceProcess:
     Its output goes to a file, not a pipe: a pipe nobody reads fills (64 KiB) and the server
     then blocks on its next log line."""
 
-    def __init__(self, database_url: str, *, port: int | None = None, **env: str) -> None:
+    def __init__(
+        self,
+        database_url: str,
+        *,
+        port: int | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        **env: str,
+    ) -> None:
         self.port = free_port() if port is None else port
+        # For a server that speaks TLS: how its health is asked.
+        self.credentials = credentials
         self.address = f"127.0.0.1:{self.port}"
         self.database_url = database_url
         self._stopped: tuple[int, str] | None = None
@@ -134,8 +143,13 @@ class ServiceProcess:
             self.stop()
             raise
 
+    def channel(self) -> grpc.Channel:
+        if self.credentials is None:
+            return grpc.insecure_channel(self.address)
+        return grpc.secure_channel(self.address, self.credentials)
+
     def health(self, service: str = "") -> int:
-        with grpc.insecure_channel(self.address) as channel:
+        with self.channel() as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status
 
@@ -193,8 +207,10 @@ def start_replica() -> Iterator[Callable[..., ServiceProcess]]:
     also when the test fails half-way."""
     started: list[ServiceProcess] = []
 
-    def start(database_url: str, **env: str) -> ServiceProcess:
-        started.append(ServiceProcess(database_url, **env))
+    def start(
+        database_url: str, credentials: grpc.ChannelCredentials | None = None, **env: str
+    ) -> ServiceProcess:
+        started.append(ServiceProcess(database_url, credentials=credentials, **env))
         return started[-1]
 
     yield start

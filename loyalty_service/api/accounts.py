@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
@@ -12,7 +13,7 @@ from ..ledger import Ledger
 from ..ledger.accounts import AccountChanges
 from ..ledger.feed import EventFeed
 from ..pb import accounts_pb2, accounts_pb2_grpc
-from . import messages, paging, parsing, streams
+from . import callers, messages, paging, parsing, streams
 from .errors import translated, translated_stream
 from .paging import PageTokens
 from .parsing import Violations
@@ -40,7 +41,9 @@ class LoyaltyAccounts(accounts_pb2_grpc.LoyaltyAccountsServicer):
         metadata = v.metadata("metadata", request.metadata)
         v.request_id(request.request_id)
         v.raise_if_any()
-        account = await self.ledger.create_account(program, customer, metadata, request.request_id)
+        account = await self.ledger.create_account(
+            callers.current(), program, customer, metadata, request.request_id
+        )
         return messages.account_pb(account)
 
     @translated
@@ -48,7 +51,7 @@ class LoyaltyAccounts(accounts_pb2_grpc.LoyaltyAccountsServicer):
         self, request: accounts_pb2.GetAccountRequest, context: Context
     ) -> accounts_pb2.Account:
         account_id = parsing.single_id("id", request.id, domain.ids.ACCOUNT_ID)
-        return messages.account_pb(await self.ledger.get_account(account_id))
+        return messages.account_pb(await self.ledger.get_account(callers.current(), account_id))
 
     @translated
     async def UpdateAccount(
@@ -73,7 +76,9 @@ class LoyaltyAccounts(accounts_pb2_grpc.LoyaltyAccountsServicer):
             clear_customer="customer" in paths and customer is None,
             metadata=metadata if "metadata" in paths else None,
         )
-        account = await self.ledger.update_account(account_id, changes, request.request_id)
+        account = await self.ledger.update_account(
+            callers.current(), account_id, changes, request.request_id
+        )
         return messages.account_pb(account)
 
     @translated
@@ -86,7 +91,7 @@ class LoyaltyAccounts(accounts_pb2_grpc.LoyaltyAccountsServicer):
             request,
             "ListAccounts",
             where,
-            self.ledger.list_accounts,
+            functools.partial(self.ledger.list_accounts, callers.current()),
             messages.account_pb,
         )
         return accounts_pb2.ListAccountsResponse(accounts=items, next_page_token=next_page_token)
@@ -95,13 +100,17 @@ class LoyaltyAccounts(accounts_pb2_grpc.LoyaltyAccountsServicer):
     async def CloseAccount(
         self, request: accounts_pb2.CloseAccountRequest, context: Context
     ) -> accounts_pb2.Account:
-        return await _status_change(request, self.ledger.close_account)
+        return await _status_change(
+            request, functools.partial(self.ledger.close_account, callers.current())
+        )
 
     @translated
     async def ReopenAccount(
         self, request: accounts_pb2.ReopenAccountRequest, context: Context
     ) -> accounts_pb2.Account:
-        return await _status_change(request, self.ledger.reopen_account)
+        return await _status_change(
+            request, functools.partial(self.ledger.reopen_account, callers.current())
+        )
 
     @translated
     async def MergeAccounts(
@@ -112,7 +121,9 @@ class LoyaltyAccounts(accounts_pb2_grpc.LoyaltyAccountsServicer):
         target = v.id("target", request.target, domain.ids.ACCOUNT_ID)
         v.request_id(request.request_id)
         v.raise_if_any()
-        merged = await self.ledger.merge_accounts(source, target, request.request_id)
+        merged = await self.ledger.merge_accounts(
+            callers.current(), source, target, request.request_id
+        )
         return accounts_pb2.MergeAccountsResponse(
             target=messages.account_pb(merged.target), source=messages.account_pb(merged.source)
         )
@@ -123,7 +134,7 @@ class LoyaltyAccounts(accounts_pb2_grpc.LoyaltyAccountsServicer):
     ) -> AsyncIterator[bytes]:
         # Responses go out as bytes (see server._add_servicer): SubscribeAccountEventsResponse.
         async for response in streams.subscribe(
-            self.feed, request, domain.events.ACCOUNT_EVENT_TYPES
+            self.feed, self.ledger, callers.current(), request, domain.events.ACCOUNT_EVENT_TYPES
         ):
             yield response
 

@@ -26,11 +26,13 @@ from ..domain.errors import (
     LedgerError,
     NotFound,
     OutOfRange,
+    PermissionDenied,
     ProgramAlreadyExists,
     ProgramNotActive,
     RequestIdReused,
     ServerStopping,
     SubscriberTooSlow,
+    Unauthenticated,
 )
 
 DOMAIN = "loyalty.vinr.v1"
@@ -49,6 +51,8 @@ CODES: list[tuple[type[LedgerError], grpc.StatusCode]] = [
     (OutOfRange, grpc.StatusCode.OUT_OF_RANGE),
     (SubscriberTooSlow, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ServerStopping, grpc.StatusCode.UNAVAILABLE),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
 ]
 
 
@@ -217,6 +221,15 @@ def status_of(error: Exception, method: str) -> grpc.Status:
     return _status(grpc.StatusCode.INTERNAL, "internal error", "INTERNAL", {})
 
 
+def end(context: grpc.aio.ServicerContext, status: grpc.Status) -> None:
+    """Ends the call with `status` when its handler returns. Unlike abort_with_status this
+    raises nothing: the exception's traceback would keep the call's frames, and with them
+    its request, alive until the cycle collector runs (a 3 MB request holds ~40 MB)."""
+    context.set_trailing_metadata(status.trailing_metadata)
+    context.set_code(status.code)
+    context.set_details(status.details)
+
+
 def _bound_waits(context: grpc.aio.ServicerContext) -> None:
     """The call waits for database connections no longer than its deadline (db.Pool)."""
     remaining = context.time_remaining()
@@ -238,8 +251,8 @@ def translated(method: Handler) -> Handler:
             return await method(self, request, context)
         except Exception as error:
             status = status_of(error, method.__name__)
-        await context.abort_with_status(status)
-        raise AssertionError("abort_with_status returns only by raising")
+        end(context, status)
+        return None
 
     return handler  # type: ignore[return-value]
 
@@ -256,9 +269,6 @@ def translated_stream(method: StreamHandler) -> StreamHandler:
             async for response in method(self, request, context):
                 yield response
         except Exception as error:
-            status = status_of(error, method.__name__)
-        else:
-            return
-        await context.abort_with_status(status)
+            end(context, status_of(error, method.__name__))
 
     return handler  # type: ignore[return-value]

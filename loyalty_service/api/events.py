@@ -9,7 +9,7 @@ import grpc
 from .. import domain
 from ..ledger import Ledger
 from ..pb import events_pb2, events_pb2_grpc
-from . import messages, paging, parsing
+from . import callers, messages, paging, parsing
 from .errors import translated
 from .paging import PageTokens
 from .parsing import Violations
@@ -40,7 +40,11 @@ class LoyaltyEvents(events_pb2_grpc.LoyaltyEventsServicer):
         # A page token, or an explicit position, must still have all of its events.
         check = after is not None or request.after_position > 0
         page = await self.ledger.list_events(
-            where, request.after_position if after is None else after, limit, check=check
+            callers.current(),
+            where,
+            request.after_position if after is None else after,
+            limit,
+            check=check,
         )
         events = paging.fit([messages.event_pb(e) for e in page.events])
         if len(events) == len(page.events):

@@ -54,6 +54,7 @@ def program_pb(program: Program) -> programs_pb2.Program:
         create_time=timestamp(program.create_time),
         update_time=timestamp(program.update_time),
         earning_rules=[rule_pb(rule) for rule in program.earning_rules],
+        actor=program.actor,
     )
 
 
@@ -105,6 +106,7 @@ def payment_pb(payment: Payment) -> points_pb2.Payment:
         account=payment.account or "",
         enrolled=payment.enrolled,
         create_time=timestamp(payment.create_time),
+        actor=payment.actor,
     )
 
 
@@ -115,6 +117,7 @@ def refund_pb(refund: Refund) -> points_pb2.Refund:
         amount=refund.amount,
         refunded_amount=refund.refunded_amount,
         create_time=timestamp(refund.create_time),
+        actor=refund.actor,
     )
 
 
@@ -132,6 +135,7 @@ def account_pb(account: Account) -> accounts_pb2.Account:
         update_time=timestamp(account.update_time),
         merged_into=account.merged_into or "",
         version=account.version,
+        actor=account.actor,
     )
 
 
@@ -151,6 +155,7 @@ def transaction_pb(ptx: PointsTransaction) -> points_pb2.PointsTransaction:
         create_time=timestamp(ptx.create_time),
         rule=ptx.rule or "",
         rule_version=ptx.rule_version or 0,
+        actor=ptx.actor,
     )
 
 

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
 
 from .. import domain
+from ..domain.callers import Scope
 from ..domain.payments import NewPayment, NewRefund
 from ..domain.points import OriginKind, TransactionType
 from ..ledger import Ledger
 from ..ledger.feed import EventFeed
 from ..pb import points_pb2, points_pb2_grpc
-from . import messages, paging, parsing, streams
+from . import callers, messages, paging, parsing, streams
 from .errors import translated, translated_stream
 from .paging import PageTokens
 from .parsing import Violations
@@ -23,6 +25,7 @@ Context = grpc.aio.ServicerContext
 _TYPE_FROM_PB = {v: k for k, v in messages.TYPE_TO_PB.items()}
 _DIRECTION_FROM_PB = {v: k for k, v in messages.DIRECTION_TO_PB.items()}
 _ORIGIN_FROM_PB = {v: k for k, v in messages.ORIGIN_TO_PB.items()}
+_CREATE_POINTS_TRANSACTION = "/vinr.loyalty.v1.PointsLedger/CreatePointsTransaction"
 # Origins only the service writes.
 _RESERVED_ORIGINS = (OriginKind.MERGE, OriginKind.REFUND)
 
@@ -38,7 +41,10 @@ class PointsLedger(points_pb2_grpc.PointsLedgerServicer):
         self, request: points_pb2.CreatePointsTransactionRequest, context: Context
     ) -> points_pb2.PointsTransaction:
         new = new_transaction(request)
-        ptx = await self.ledger.create_transaction(new, request.request_id)
+        caller = callers.current()
+        if new.type in (TransactionType.ADJUST, TransactionType.EXPIRE):  # by hand
+            callers.require(caller, Scope.POINTS_ADJUST, _CREATE_POINTS_TRANSACTION)
+        ptx = await self.ledger.create_transaction(caller, new, request.request_id)
         return messages.transaction_pb(ptx)
 
     @translated
@@ -46,7 +52,9 @@ class PointsLedger(points_pb2_grpc.PointsLedgerServicer):
         self, request: points_pb2.GetPointsTransactionRequest, context: Context
     ) -> points_pb2.PointsTransaction:
         transaction_id = parsing.single_id("id", request.id, domain.ids.TRANSACTION_ID)
-        return messages.transaction_pb(await self.ledger.get_transaction(transaction_id))
+        return messages.transaction_pb(
+            await self.ledger.get_transaction(callers.current(), transaction_id)
+        )
 
     @translated
     async def ListPointsTransactions(
@@ -58,7 +66,7 @@ class PointsLedger(points_pb2_grpc.PointsLedgerServicer):
             request,
             "ListPointsTransactions",
             where,
-            self.ledger.list_transactions,
+            functools.partial(self.ledger.list_transactions, callers.current()),
             messages.transaction_pb,
         )
         return points_pb2.ListPointsTransactionsResponse(
@@ -69,14 +77,14 @@ class PointsLedger(points_pb2_grpc.PointsLedgerServicer):
     async def RecordPayment(
         self, request: points_pb2.RecordPaymentRequest, context: Context
     ) -> points_pb2.RecordPaymentResponse:
-        result = await self.ledger.record_payment(new_payment(request))
+        result = await self.ledger.record_payment(callers.current(), new_payment(request))
         return messages.payment_result_pb(result)
 
     @translated
     async def RecordRefund(
         self, request: points_pb2.RecordRefundRequest, context: Context
     ) -> points_pb2.RecordRefundResponse:
-        result = await self.ledger.record_refund(new_refund(request))
+        result = await self.ledger.record_refund(callers.current(), new_refund(request))
         return messages.refund_result_pb(result)
 
     @translated
@@ -90,7 +98,7 @@ class PointsLedger(points_pb2_grpc.PointsLedgerServicer):
         v.request_id(request.request_id)
         v.raise_if_any()
         reversal = await self.ledger.reverse_transaction(
-            transaction_id, amount, reason, request.request_id
+            callers.current(), transaction_id, amount, reason, request.request_id
         )
         return messages.transaction_pb(reversal)
 
@@ -100,7 +108,11 @@ class PointsLedger(points_pb2_grpc.PointsLedgerServicer):
     ) -> AsyncIterator[bytes]:
         # Responses go out as bytes: SubscribeTransactionEventsResponse.
         async for response in streams.subscribe(
-            self.feed, request, domain.events.TRANSACTION_EVENT_TYPES
+            self.feed,
+            self.ledger,
+            callers.current(),
+            request,
+            domain.events.TRANSACTION_EVENT_TYPES,
         ):
             yield response
 

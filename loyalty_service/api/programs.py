@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -19,7 +20,7 @@ from ..domain.programs import (
 )
 from ..ledger import Ledger
 from ..pb import programs_pb2, programs_pb2_grpc
-from . import messages, paging, parsing
+from . import callers, messages, paging, parsing
 from .errors import translated
 from .paging import PageTokens
 from .parsing import Violations
@@ -42,7 +43,9 @@ class LoyaltyPrograms(programs_pb2_grpc.LoyaltyProgramsServicer):
         self, request: programs_pb2.CreateProgramRequest, context: Context
     ) -> programs_pb2.Program:
         program_id, new = new_program(request)
-        program = await self.ledger.create_program(program_id, new, request.request_id)
+        program = await self.ledger.create_program(
+            callers.current(), program_id, new, request.request_id
+        )
         return messages.program_pb(program)
 
     @translated
@@ -50,14 +53,16 @@ class LoyaltyPrograms(programs_pb2_grpc.LoyaltyProgramsServicer):
         self, request: programs_pb2.GetProgramRequest, context: Context
     ) -> programs_pb2.Program:
         program_id = parsing.single_id("id", request.id, domain.ids.PROGRAM_ID)
-        return messages.program_pb(await self.ledger.get_program(program_id))
+        return messages.program_pb(await self.ledger.get_program(callers.current(), program_id))
 
     @translated
     async def GetEarningRule(
         self, request: programs_pb2.GetEarningRuleRequest, context: Context
     ) -> programs_pb2.EarningRule:
         rule_id, version = rule_version(request)
-        return messages.rule_pb(await self.ledger.get_earning_rule(rule_id, version))
+        return messages.rule_pb(
+            await self.ledger.get_earning_rule(callers.current(), rule_id, version)
+        )
 
     @translated
     async def ListPrograms(
@@ -69,7 +74,7 @@ class LoyaltyPrograms(programs_pb2_grpc.LoyaltyProgramsServicer):
             request,
             "ListPrograms",
             status,
-            self.ledger.list_programs,
+            functools.partial(self.ledger.list_programs, callers.current()),
             messages.program_pb,
         )
         return programs_pb2.ListProgramsResponse(programs=items, next_page_token=next_page_token)
@@ -79,7 +84,9 @@ class LoyaltyPrograms(programs_pb2_grpc.LoyaltyProgramsServicer):
         self, request: programs_pb2.UpdateProgramRequest, context: Context
     ) -> programs_pb2.Program:
         program_id, changes = program_changes(request)
-        program = await self.ledger.update_program(program_id, changes, request.request_id)
+        program = await self.ledger.update_program(
+            callers.current(), program_id, changes, request.request_id
+        )
         return messages.program_pb(program)
 
 

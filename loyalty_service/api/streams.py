@@ -7,7 +7,9 @@ from collections.abc import AsyncIterator
 
 from .. import domain
 from ..domain.accounts import Account
+from ..domain.callers import Caller
 from ..domain.events import Event
+from ..ledger import Ledger
 from ..ledger.feed import EventFeed
 from ..pb import accounts_pb2, points_pb2
 from .messages import account_event_pb, transaction_event_pb
@@ -16,6 +18,8 @@ from .parsing import Violations, event_filter
 
 async def subscribe(
     feed: EventFeed,
+    ledger: Ledger,
+    caller: Caller,
     request: accounts_pb2.SubscribeAccountEventsRequest
     | points_pb2.SubscribeTransactionEventsRequest,
     types: frozenset[domain.events.EventType],
@@ -27,6 +31,7 @@ async def subscribe(
     if start == "after_position" and request.after_position < 0:
         v.add("after_position", "must not be negative")
     v.raise_if_any()
+    await ledger.allow_events(caller, where)
     after = await feed.start_position(
         request.after_position if start == "after_position" else None,
         # An explicit `from_oldest: false` selects the oneof field too: it means from now.

@@ -34,6 +34,8 @@ class Account:
     # One more with every change of the account, postings included: of two snapshots of
     # one account, the one with the higher version is the newer.
     version: int = 1
+    # The identity of the caller that made the latest change (the version's), posting or not.
+    actor: str = ""
 
 
 @dataclass(frozen=True)
@@ -68,18 +70,28 @@ def check_merge(source: Account, target: Account) -> None:
     require_active(target)
 
 
-def revised(account: Account, now: datetime, **changes: object) -> Account:
-    """The account after a change: its update time and version move on with it."""
-    return replace(account, **changes, update_time=now, version=account.version + 1)  # type: ignore[arg-type]
+def revised(account: Account, now: datetime, actor: str, **changes: object) -> Account:
+    """The account after a change by `actor`: its update time, version and actor move on
+    with it."""
+    return replace(
+        account,
+        **changes,  # type: ignore[arg-type]
+        update_time=now,
+        version=account.version + 1,
+        actor=actor,
+    )
 
 
-def merged_target(target: Account, source: Account, now: datetime, tiers: list[Tier]) -> Account:
+def merged_target(
+    target: Account, source: Account, now: datetime, actor: str, tiers: list[Tier]
+) -> Account:
     """The target after the merge: it holds both accounts' points, and its tier follows its
     lifetime points among its program's `tiers`."""
     lifetime_points = target.lifetime_points + source.lifetime_points
     return revised(
         target,
         now,
+        actor,
         balance=target.balance + source.balance,
         lifetime_points=lifetime_points,
         tier=tier_for(target.lifetime_points, lifetime_points, tiers, target.tier)
@@ -88,10 +100,11 @@ def merged_target(target: Account, source: Account, now: datetime, tiers: list[T
     )
 
 
-def merged_source(source: Account, target: Account, now: datetime) -> Account:
+def merged_source(source: Account, target: Account, now: datetime, actor: str) -> Account:
     return revised(
         source,
         now,
+        actor,
         status=AccountStatus.MERGED,
         merged_into=target.id,
         balance=0,
@@ -104,3 +117,5 @@ class AccountFilter:
     program: str | None = None
     customer: str | None = None
     status: AccountStatus | None = None
+    # Only accounts of these programs (a caller's, when it is limited to some).
+    programs: frozenset[str] | None = None

@@ -137,3 +137,51 @@ class SubscriberTooSlow(LedgerError, reason="SUBSCRIBER_TOO_SLOW"):
 
 
 class ServerStopping(LedgerError, reason="SERVER_STOPPING"): ...
+
+
+class Unauthenticated(LedgerError):
+    """No credentials, or credentials that do not prove who is calling."""
+
+
+class CredentialsMissing(Unauthenticated, reason="CREDENTIALS_MISSING"): ...
+
+
+class TokenMalformed(Unauthenticated, reason="TOKEN_MALFORMED"):
+    """Not a JWT, or one without a claim this service needs (exp, iss, aud, an identity)."""
+
+
+class TokenExpired(Unauthenticated, reason="TOKEN_EXPIRED"): ...
+
+
+class TokenNotYetValid(Unauthenticated, reason="TOKEN_NOT_YET_VALID"): ...
+
+
+class TokenBadSignature(Unauthenticated, reason="TOKEN_BAD_SIGNATURE"): ...
+
+
+class TokenUnknownKey(Unauthenticated, reason="TOKEN_UNKNOWN_KEY"):
+    """Signed with a key id the JWKS does not hold, even after a refresh."""
+
+
+class TokenWrongIssuer(Unauthenticated, reason="TOKEN_WRONG_ISSUER"): ...
+
+
+class TokenWrongAudience(Unauthenticated, reason="TOKEN_WRONG_AUDIENCE"): ...
+
+
+class CertificateWithoutIdentity(Unauthenticated, reason="CERTIFICATE_WITHOUT_IDENTITY"):
+    """A trusted client certificate with neither a URI SAN nor a subject CN."""
+
+
+class ForwardedCertificateMalformed(Unauthenticated, reason="FORWARDED_CERTIFICATE_MALFORMED"):
+    """An x-forwarded-client-cert header (trusted) that names no identity."""
+
+
+class PermissionDenied(LedgerError): ...
+
+
+class MissingScope(PermissionDenied, reason="MISSING_SCOPE"): ...
+
+
+class ProgramsRestricted(PermissionDenied, reason="PROGRAMS_RESTRICTED"):
+    """A caller limited to some programs may not create another."""

@@ -92,6 +92,7 @@ class Payment:
     account: str | None
     enrolled: bool
     create_time: datetime
+    actor: str = ""  # the identity of the caller that recorded it
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,7 @@ class Refund:
     amount: int
     refunded_amount: int  # all refunds of the payment so far, this one included
     create_time: datetime
+    actor: str = ""  # the identity of the caller that recorded it
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,8 @@ class PointsTransaction:
     # For an earn credited by an earning rule: the rule and its version then.
     rule: str | None = None
     rule_version: int | None = None
+    # The identity of the caller that posted it.
+    actor: str = ""
 
 
 # The lowest balance a reversal may leave: any, as far as int64 arithmetic is concerned.

@@ -78,6 +78,8 @@ class Program:
     create_time: datetime
     update_time: datetime
     earning_rules: list[EarningRule] = field(default_factory=list)
+    # The identity of the caller that made the latest change.
+    actor: str = ""
 
 
 def tier_violations(field_path: str, tiers: list[Tier]) -> list[FieldViolation]:

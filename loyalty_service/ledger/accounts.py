@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from .. import domain, store
 from ..domain.accounts import Account, AccountFilter, AccountStatus, MergeResult
+from ..domain.callers import Caller
 from ..domain.errors import AccountNotClosed, FieldViolation, InvalidArgument
 from ..domain.events import Event, EventType, account_event
 from ..domain.ids import Page
@@ -29,6 +30,7 @@ class AccountChanges:
 class AccountUseCases(UseCases):
     async def create_account(
         self,
+        caller: Caller,
         program: str,
         customer: str | None,
         metadata: dict[str, str],
@@ -38,32 +40,36 @@ class AccountUseCases(UseCases):
             # Held until commit: an UpdateProgram that archives the program, or changes its
             # currency, waits for this enrollment or is waited for.
             found = await store.programs.get_program(conn, program, lock="key share")
-            if found is None:
+            if found is None or not caller.sees(program):
                 raise program_not_found(program)
             domain.programs.require_program_active(found)
-            enrollment = await enroll(conn, found, customer, metadata, self.clock())
+            enrollment = await enroll(conn, found, customer, metadata, self.clock(), caller)
             if enrollment is None:
                 assert customer is not None  # accounts without a customer never conflict
                 raise await self._already_exists(conn, program, customer)
-            _, account = await post(conn, enrollment.welcome, [enrollment.created])
+            _, account = await post(conn, caller, enrollment.welcome, [enrollment.created])
             return account or enrollment.account
 
         params = {"program": program, "customer": customer, "metadata": metadata}
-        return await self.run("CreateAccount", request_id, params, Account, work)
+        return await self.run(caller, "CreateAccount", request_id, params, Account, work)
 
-    async def get_account(self, account_id: str) -> Account:
-        return await self.found(store.accounts.get_account, account_id, account_not_found)
+    async def get_account(self, caller: Caller, account_id: str) -> Account:
+        account = await self.found(store.accounts.get_account, account_id, account_not_found)
+        return self.visible(caller, account)
 
     async def list_accounts(
-        self, where: AccountFilter, after: int | None, limit: int
+        self, caller: Caller, where: AccountFilter, after: int | None, limit: int
     ) -> Page[Account]:
+        if where.program is not None and not caller.sees(where.program):
+            return Page([], None, [])  # as for a program that does not exist
+        where = replace(where, programs=caller.programs)
         return await self.call(store.accounts.list_accounts, where, after, limit)
 
     async def update_account(
-        self, account_id: str, changes: AccountChanges, request_id: str = ""
+        self, caller: Caller, account_id: str, changes: AccountChanges, request_id: str = ""
     ) -> Account:
         async def work(conn: Conn) -> Account:
-            account = await self._lock_account(conn, account_id)
+            account = await self._lock_account(conn, caller, account_id)
             if account.status is AccountStatus.MERGED:
                 # Merged accounts are frozen; closed ones may still be relabelled.
                 domain.accounts.require_active(account)
@@ -75,6 +81,7 @@ class AccountUseCases(UseCases):
             updated = domain.accounts.revised(
                 account,
                 self.clock(),
+                caller.identity,
                 customer=customer,
                 metadata=account.metadata if changes.metadata is None else changes.metadata,
             )
@@ -88,39 +95,47 @@ class AccountUseCases(UseCases):
             "clear_customer": changes.clear_customer,
             "metadata": changes.metadata,
         }
-        return await self.run("UpdateAccount", request_id, params, Account, work)
+        return await self.run(caller, "UpdateAccount", request_id, params, Account, work)
 
-    async def close_account(self, account_id: str, request_id: str = "") -> Account:
+    async def close_account(self, caller: Caller, account_id: str, request_id: str = "") -> Account:
         async def work(conn: Conn) -> Account:
-            account = await self._lock_account(conn, account_id)
+            account = await self._lock_account(conn, caller, account_id)
             domain.accounts.require_active(account)
-            closed = domain.accounts.revised(account, self.clock(), status=AccountStatus.CLOSED)
+            closed = domain.accounts.revised(
+                account, self.clock(), caller.identity, status=AccountStatus.CLOSED
+            )
             await store.accounts.save_account(conn, closed)
             await store.events.log_events(conn, [account_event(EventType.ACCOUNT_CLOSED, closed)])
             return closed
 
-        return await self.run("CloseAccount", request_id, {"id": account_id}, Account, work)
+        return await self.run(caller, "CloseAccount", request_id, {"id": account_id}, Account, work)
 
-    async def reopen_account(self, account_id: str, request_id: str = "") -> Account:
+    async def reopen_account(
+        self, caller: Caller, account_id: str, request_id: str = ""
+    ) -> Account:
         async def work(conn: Conn) -> Account:
-            account = await self._lock_account(conn, account_id)
+            account = await self._lock_account(conn, caller, account_id)
             if account.status is not AccountStatus.CLOSED:
                 raise AccountNotClosed(
                     f"account {account_id} is {account.status}, not CLOSED",
                     account=account_id,
                     status=account.status,
                 )
-            reopened = domain.accounts.revised(account, self.clock(), status=AccountStatus.ACTIVE)
+            reopened = domain.accounts.revised(
+                account, self.clock(), caller.identity, status=AccountStatus.ACTIVE
+            )
             await self._save_account(conn, reopened)
             await store.events.log_events(
                 conn, [account_event(EventType.ACCOUNT_REOPENED, reopened)]
             )
             return reopened
 
-        return await self.run("ReopenAccount", request_id, {"id": account_id}, Account, work)
+        return await self.run(
+            caller, "ReopenAccount", request_id, {"id": account_id}, Account, work
+        )
 
     async def merge_accounts(
-        self, source_id: str, target_id: str, request_id: str = ""
+        self, caller: Caller, source_id: str, target_id: str, request_id: str = ""
     ) -> MergeResult:
         if source_id == target_id:
             raise InvalidArgument([FieldViolation("target", "must differ from source")])
@@ -129,19 +144,23 @@ class AccountUseCases(UseCases):
             # Both rows, locked in id order: merges A->B and B->A cannot deadlock.
             locked = await store.accounts.lock_accounts(conn, [source_id, target_id])
             for account_id in (source_id, target_id):
-                if account_id not in locked:
+                if account_id not in locked or not caller.sees(locked[account_id].program):
                     raise account_not_found(account_id)
             source, target = locked[source_id], locked[target_id]
             domain.accounts.check_merge(source, target)
             now = self.clock()
             after_seq = await store.accounts.last_transaction_seq(conn, [source_id, target_id])
             await store.accounts.reparent_transactions(conn, source_id, target_id)
-            await store.accounts.record_merge(conn, source, target_id, after_seq, now)
-            merged_source = domain.accounts.merged_source(source, target, now)
+            await store.accounts.record_merge(
+                conn, source, target_id, after_seq, now, caller.identity
+            )
+            merged_source = domain.accounts.merged_source(source, target, now, caller.identity)
             # The target's lifetime points grow: it may reach a higher tier of its program.
             program = await store.programs.get_program(conn, target.program)
             assert program is not None  # accounts' programs are never deleted
-            merged_target = domain.accounts.merged_target(target, source, now, program.tiers)
+            merged_target = domain.accounts.merged_target(
+                target, source, now, caller.identity, program.tiers
+            )
             await store.accounts.save_account(conn, merged_source)
             await store.accounts.save_account(conn, merged_target)
             merge_events = [
@@ -154,7 +173,7 @@ class AccountUseCases(UseCases):
             return MergeResult(target=merged_target, source=merged_source)
 
         params = {"source": source_id, "target": target_id}
-        return await self.run("MergeAccounts", request_id, params, MergeResult, work)
+        return await self.run(caller, "MergeAccounts", request_id, params, MergeResult, work)
 
 
 @dataclass(frozen=True)
@@ -165,7 +184,12 @@ class Enrollment:
 
 
 async def enroll(
-    conn: Conn, program: Program, customer: str | None, metadata: dict[str, str], now: datetime
+    conn: Conn,
+    program: Program,
+    customer: str | None,
+    metadata: dict[str, str],
+    now: datetime,
+    caller: Caller,
 ) -> Enrollment | None:
     """Creates an account in `program` (held FOR KEY SHARE), and says what its welcome
     bonus is; None if the customer has an ACTIVE one already (a racing enrollment waits for
@@ -183,6 +207,7 @@ async def enroll(
         metadata=metadata,
         create_time=now,
         update_time=now,
+        actor=caller.identity,
     )
     if not await store.accounts.insert_account(conn, account):
         return None

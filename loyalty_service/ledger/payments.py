@@ -7,6 +7,7 @@ from datetime import datetime
 
 from .. import domain, store
 from ..domain.accounts import Account, AccountStatus
+from ..domain.callers import Caller
 from ..domain.errors import LedgerError, PaymentIdReused, RefundIdReused, RequestIdReused
 from ..domain.payments import PaymentOutcome, PaymentResult, RefundResult
 from ..domain.points import OriginKind, PointsTransaction
@@ -26,7 +27,9 @@ from .requests import (
 
 
 class PaymentUseCases(UseCases):
-    async def record_payment(self, new: domain.payments.NewPayment) -> PaymentResult:
+    async def record_payment(
+        self, caller: Caller, new: domain.payments.NewPayment
+    ) -> PaymentResult:
         """Records a payment and credits what its program's earning rules give, once per
         payment id. Locks, in order: the program (KEY SHARE, against archiving and currency
         changes), the payment id (its row's insert: a replay waits for the first attempt),
@@ -36,8 +39,10 @@ class PaymentUseCases(UseCases):
         reused = PaymentIdReused(f"payment {new.id} was recorded with other fields", payment=new.id)
 
         async def work(conn: Conn) -> PaymentResult:
+            if not caller.sees(new.program):
+                raise program_not_found(new.program)
             now = self.clock()
-            claim = await store.payments.claim_payment(conn, new, fingerprint, now)
+            claim = await store.payments.claim_payment(conn, new, fingerprint, now, caller.identity)
             if claim.program is None:
                 missing = program_not_found(new.program)
                 raise await _reused_or(conn, store.payments.stored_payment, new.id, reused, missing)
@@ -46,7 +51,7 @@ class PaymentUseCases(UseCases):
             program = claim.program
             # After the claim: a replay answers as the first time, whatever changed since.
             domain.payments.check_payment_currency(program, new.currency)
-            result, earn_ids = await _settle(conn, program, new, now)
+            result, earn_ids = await _settle(conn, caller, program, new, now)
             # A row this transaction inserted: no lock taken after the kernel's.
             account_id = result.account.id if result.account else None
             await store.payments.save_payment(
@@ -60,9 +65,9 @@ class PaymentUseCases(UseCases):
             return result
 
         # No request id: the payment id is the idempotency key (claim_payment).
-        return await self.run("RecordPayment", "", None, PaymentResult, work)
+        return await self.run(caller, "RecordPayment", "", None, PaymentResult, work)
 
-    async def record_refund(self, new: domain.payments.NewRefund) -> RefundResult:
+    async def record_refund(self, caller: Caller, new: domain.payments.NewRefund) -> RefundResult:
         """Records a refund and reverses its share of the payment's earns, once per refund
         id. Locks, in order: the payment (FOR UPDATE: its refunds one at a time), the refund
         id, the account holding the earns, the earns (in id order); then the posting kernel
@@ -72,11 +77,13 @@ class PaymentUseCases(UseCases):
 
         async def work(conn: Conn) -> RefundResult:
             payment = await store.payments.lock_payment(conn, new.payment_id)
+            if payment is not None and not caller.sees(payment.program):
+                raise payment_not_found(new.payment_id)
             if payment is None:
                 missing = payment_not_found(new.payment_id)
                 raise await _reused_or(conn, store.payments.stored_refund, new.id, reused, missing)
             now = self.clock()
-            stored = await store.payments.claim_refund(conn, new, fingerprint, now)
+            stored = await store.payments.claim_refund(conn, new, fingerprint, now, caller.identity)
             if stored is not None:
                 return replay(stored, fingerprint, reused, RefundResult)
             domain.payments.check_refund(
@@ -85,15 +92,19 @@ class PaymentUseCases(UseCases):
             refunded = payment.refunded_amount + new.amount
             account, reversals = None, []
             if payment.earn_ids:
-                account, reversals = await _reverse_for_refund(conn, payment, new, refunded, now)
+                account, reversals = await _reverse_for_refund(
+                    conn, caller, payment, new, refunded, now
+                )
             await store.payments.save_refunded(conn, payment.id, refunded)
-            refund = domain.payments.Refund(new.id, payment.id, new.amount, refunded, now)
+            refund = domain.payments.Refund(
+                new.id, payment.id, new.amount, refunded, now, caller.identity
+            )
             result = RefundResult(refund, reversals, account)
             # Rows this transaction holds: no lock taken after the kernel's.
             await store.payments.save_refund(conn, new.id, domain.codec.to_json(result))
             return result
 
-        return await self.run("RecordRefund", "", None, RefundResult, work)
+        return await self.run(caller, "RecordRefund", "", None, RefundResult, work)
 
 
 async def _reused_or(
@@ -110,7 +121,7 @@ async def _reused_or(
 
 
 async def _settle(
-    conn: Conn, program: Program, new: domain.payments.NewPayment, now: datetime
+    conn: Conn, caller: Caller, program: Program, new: domain.payments.NewPayment, now: datetime
 ) -> tuple[PaymentResult, list[str]]:
     """What a newly claimed payment earns, posted: the result and the ids of its earns (for
     refunds)."""
@@ -128,6 +139,7 @@ async def _settle(
             account=account.id if account else None,
             enrolled=enrolled,
             create_time=now,
+            actor=caller.identity,
         )
         return PaymentResult(payment, transactions or [], account)
 
@@ -146,7 +158,7 @@ async def _settle(
             program.earning_rules, new, domain.payments.welcomed_tier(program)
         ):
             return result(PaymentOutcome.NO_POINTS), []
-        enrollment = await enroll(conn, program, new.customer, {}, now)
+        enrollment = await enroll(conn, program, new.customer, {}, now, caller)
         if enrollment is None:
             # A racing payment (or CreateAccount) enrolled the customer and has committed:
             # start again, and credit the account it made.
@@ -161,7 +173,7 @@ async def _settle(
     earned = domain.payments.earn_postings(account.id, earns, origin, new.metadata, now)
     welcome = enrollment.welcome if enrollment else []
     created = [enrollment.created] if enrollment else []
-    posted, after = await post(conn, welcome + earned, created)
+    posted, after = await post(conn, caller, welcome + earned, created)
     return (
         result(PaymentOutcome.EARNED, after, posted, bool(enrollment)),
         [ptx.id for ptx, _ in earned],
@@ -191,6 +203,7 @@ async def _member(conn: Conn, program: str, customer: str) -> Account | PaymentO
 
 async def _reverse_for_refund(
     conn: Conn,
+    caller: Caller,
     payment: store.payments.PaidPayment,
     refund: domain.payments.NewRefund,
     refunded: int,
@@ -212,5 +225,5 @@ async def _reverse_for_refund(
     postings = [
         domain.points.reversal(e, points, origin, reason, now, refund=True) for e, points in due
     ]
-    reversals, after = await post(conn, postings)
+    reversals, after = await post(conn, caller, postings)
     return after or account, reversals

@@ -6,6 +6,8 @@ import logging
 from dataclasses import replace
 
 from .. import db, domain, store
+from ..domain.callers import LIMITED_CALLER, Caller
+from ..domain.errors import FieldViolation
 from ..domain.ids import Page
 from ..domain.points import NewTransaction, PointsTransaction, TransactionFilter
 from ..store.sql import Conn
@@ -15,6 +17,7 @@ from .requests import (
     Moved,
     UseCases,
     check_fingerprint,
+    raise_if_any,
     request_id_reused,
     request_key,
     transaction_not_found,
@@ -27,19 +30,21 @@ class PointsUseCases(UseCases):
     _postings: Batches[store.postings.NewPosting, store.postings.Posted]
 
     async def create_transaction(
-        self, new: NewTransaction, request_id: str = ""
+        self, caller: Caller, new: NewTransaction, request_id: str = ""
     ) -> PointsTransaction:
         # The hot path: the posting joins the next batch (group commit), where the kernel
         # posts many at once without waiting for any account's lock (store.postings.post); what the
         # batch skips is posted by itself, waiting for its account.
+        if caller.programs is not None:  # an account's program never changes
+            await self.require_account(caller, new.account)
         change = domain.points.change(new.type, new.direction, new.amount)
-        ptx = domain.points.to_post(new, self.clock())
+        ptx = replace(domain.points.to_post(new, self.clock()), actor=caller.identity)
         # What the request asked for, in a fixed order, for its fingerprint.
         asked = [
             new.account, new.type, new.direction, new.amount, new.reason,
             new.origin_kind, new.origin_id, new.metadata,
         ]  # fmt: skip
-        key, fingerprint = request_key("CreatePointsTransaction", request_id, asked)
+        key, fingerprint = request_key(caller, "CreatePointsTransaction", request_id, asked)
         posting = store.postings.NewPosting(ptx, change, (key, fingerprint) if request_id else None)
         posted = await self._postings.run(posting)
         if posted is None or posted.result == store.postings.SKIPPED:
@@ -78,17 +83,33 @@ class PointsUseCases(UseCases):
                 return store.postings.Posted(store.postings.REPLAYED, prior=prior)
         return posted
 
-    async def get_transaction(self, transaction_id: str) -> PointsTransaction:
+    async def get_transaction(self, caller: Caller, transaction_id: str) -> PointsTransaction:
         get = store.postings.get_transaction
-        return await self.found(get, transaction_id, transaction_not_found)
+        ptx = await self.found(get, transaction_id, transaction_not_found)
+        if caller.programs is not None:
+            try:
+                await self.require_account(caller, ptx.account)
+            except domain.errors.AccountNotFound:
+                raise transaction_not_found(transaction_id) from None
+        return ptx
 
     async def list_transactions(
-        self, where: TransactionFilter, after: int | None, limit: int
+        self, caller: Caller, where: TransactionFilter, after: int | None, limit: int
     ) -> Page[PointsTransaction]:
+        if caller.programs is not None:
+            if where.account is None:
+                raise_if_any([FieldViolation("account", LIMITED_CALLER)])
+            else:
+                await self.require_account(caller, where.account)
         return await self.call(store.postings.list_transactions, where, after, limit)
 
     async def reverse_transaction(
-        self, transaction_id: str, amount: int | None, reason: str, request_id: str = ""
+        self,
+        caller: Caller,
+        transaction_id: str,
+        amount: int | None,
+        reason: str,
+        request_id: str = "",
     ) -> PointsTransaction:
         async def work(conn: Conn) -> PointsTransaction:
             seen = await store.postings.get_transaction(conn, transaction_id)
@@ -96,7 +117,10 @@ class PointsUseCases(UseCases):
                 raise transaction_not_found(transaction_id)
             # Lock order is account, then transaction, as in merges (which re-parent
             # transactions while holding their accounts' locks).
-            account = await self._lock_account(conn, seen.account)
+            try:
+                account = await self._lock_account(conn, caller, seen.account)
+            except domain.errors.AccountNotFound:  # of a program the caller may not see
+                raise transaction_not_found(transaction_id) from None
             original = await store.postings.get_transaction(conn, transaction_id, lock=True)
             assert original is not None  # transactions are never deleted
             if original.account != account.id:
@@ -106,10 +130,10 @@ class PointsUseCases(UseCases):
             reversal = domain.points.reversal(
                 original, points, origin, reason, self.clock(), refund=False
             )
-            [posted], _ = await post(conn, [reversal])
+            [posted], _ = await post(conn, caller, [reversal])
             return posted
 
         params = {"id": transaction_id, "amount": amount, "reason": reason}
         return await self.run(
-            "ReversePointsTransaction", request_id, params, PointsTransaction, work
+            caller, "ReversePointsTransaction", request_id, params, PointsTransaction, work
         )

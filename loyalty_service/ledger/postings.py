@@ -6,6 +6,7 @@ from dataclasses import replace
 
 from .. import domain, store
 from ..domain.accounts import Account
+from ..domain.callers import Caller
 from ..domain.events import Event
 from ..domain.points import PointsTransaction
 from ..store.sql import Conn
@@ -13,13 +14,16 @@ from ..store.sql import Conn
 
 async def post(
     conn: Conn,
+    caller: Caller,
     postings: list[tuple[PointsTransaction, domain.points.Change]],
     events_before: list[Event] | None = None,
 ) -> tuple[list[PointsTransaction], Account | None]:
     """Posts through the kernel, in order, what a use case worked out under its account's
     lock, the last lock it takes; the kernel queues their events, after `events_before`.
     The posted transactions and the account after them (None if there were none); the first
-    refused raises why, failing the use case and so undoing the others."""
+    refused raises why, failing the use case and so undoing the others. Each records
+    `caller` as its actor."""
+    postings = [(replace(ptx, actor=caller.identity), change) for ptx, change in postings]
     if not postings:
         await store.events.log_events(conn, events_before or [])
         return [], None

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from .. import domain, store
-from ..domain.errors import EarningRuleNotFound, ProgramAlreadyExists
+from ..domain.callers import Caller
+from ..domain.errors import EarningRuleNotFound, ProgramAlreadyExists, ProgramsRestricted
 from ..domain.ids import Page
 from ..domain.programs import NewProgram, Program, ProgramChanges, ProgramStatus
 from ..store.sql import Conn
@@ -16,8 +17,13 @@ _RULES_PATH = "program.earning_rules"
 
 class ProgramUseCases(UseCases):
     async def create_program(
-        self, program_id: str | None, new: NewProgram, request_id: str = ""
+        self, caller: Caller, program_id: str | None, new: NewProgram, request_id: str = ""
     ) -> Program:
+        if caller.programs is not None:
+            raise ProgramsRestricted(
+                f"{caller.identity} may touch some programs only, and so may not create one",
+                caller=caller.identity,
+            )
         # A generated id is drawn once per call, outside the transaction: a replay returns
         # the first call's program.
         new_id = program_id or domain.ids.new_id("prog_")
@@ -34,24 +40,28 @@ class ProgramUseCases(UseCases):
                 create_time=now,
                 update_time=now,
                 earning_rules=domain.programs.versioned_rules(_RULES_PATH, [], new.earning_rules),
+                actor=caller.identity,
             )
             if not await store.programs.insert_program(conn, program):
                 raise ProgramAlreadyExists(f"program {new_id} already exists", program=new_id)
-            await store.programs.save_rule_versions(conn, program.id, program.earning_rules, now)
+            await store.programs.save_rule_versions(conn, program)
             return program
 
         # No program events: the event log records accounts and transactions only.
         params = {"program_id": program_id, "program": domain.codec.to_json(new)}
-        return await self.run("CreateProgram", request_id, params, Program, work)
+        return await self.run(caller, "CreateProgram", request_id, params, Program, work)
 
-    async def get_program(self, program_id: str) -> Program:
+    async def get_program(self, caller: Caller, program_id: str) -> Program:
+        if not caller.sees(program_id):
+            raise program_not_found(program_id)
         return await self.found(store.programs.get_program, program_id, program_not_found)
 
     async def get_earning_rule(
-        self, rule_id: str, version: int | None
+        self, caller: Caller, rule_id: str, version: int | None
     ) -> domain.programs.EarningRule:
         """A rule as it was at `version`, or as it is now (None), also after its removal."""
-        rule = await self.call(store.programs.get_rule_version, rule_id, version)
+        found = await self.call(store.programs.get_rule_version, rule_id, version)
+        rule = found[1] if found is not None and caller.sees(found[0]) else None
         if rule is None:
             raise EarningRuleNotFound(
                 f"earning rule {rule_id} has no version {version}"
@@ -63,18 +73,19 @@ class ProgramUseCases(UseCases):
         return rule
 
     async def list_programs(
-        self, status: ProgramStatus | None, after: int | None, limit: int
+        self, caller: Caller, status: ProgramStatus | None, after: int | None, limit: int
     ) -> Page[Program]:
-        return await self.call(store.programs.list_programs, status, after, limit)
+        list_programs = store.programs.list_programs
+        return await self.call(list_programs, status, caller.programs, after, limit)
 
     async def update_program(
-        self, program_id: str, changes: ProgramChanges, request_id: str = ""
+        self, caller: Caller, program_id: str, changes: ProgramChanges, request_id: str = ""
     ) -> Program:
         async def work(conn: Conn) -> Program:
             # FOR UPDATE: enrollments (which hold the row FOR KEY SHARE) and other updates
             # wait, so the check for accounts below cannot miss one being created.
             program = await store.programs.get_program(conn, program_id, lock="update")
-            if program is None:
+            if program is None or not caller.sees(program_id):
                 raise program_not_found(program_id)
             if changes.currency is not None and changes.currency != program.currency:
                 has_accounts = await store.programs.program_has_accounts(conn, program_id)
@@ -96,10 +107,11 @@ class ProgramUseCases(UseCases):
                 status=program.status if changes.status is None else changes.status,
                 update_time=self.clock(),
                 earning_rules=rules,
+                actor=caller.identity,
             )
             await store.programs.save_program(conn, updated)
-            await store.programs.save_rule_versions(conn, program_id, rules, updated.update_time)
+            await store.programs.save_rule_versions(conn, updated)
             return updated
 
         params = {"id": program_id, "changes": domain.codec.to_json(changes)}
-        return await self.run("UpdateProgram", request_id, params, Program, work)
+        return await self.run(caller, "UpdateProgram", request_id, params, Program, work)

@@ -11,6 +11,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from .. import db, domain, store
 from ..domain.accounts import Account
+from ..domain.callers import Caller
 from ..domain.errors import (
     AccountAlreadyExists,
     AccountNotFound,
@@ -64,6 +65,7 @@ class UseCases:
 
     async def run(
         self,
+        caller: Caller,
         method: str,
         request_id: str,
         params: object,
@@ -75,10 +77,13 @@ class UseCases:
         The request id is claimed first, in the same transaction as the change: a retry that
         races the first attempt waits for it and then replays its response. Only successful
         responses are kept; a request that failed may be retried with the same id. A replay
-        writes no events.
+        writes no events. Request ids are the caller's own: another caller's same id is
+        another request.
         """
         # Without a request id there is nothing to remember (nor to fingerprint).
-        key, fingerprint = request_key(method, request_id, params) if request_id else ("", "")
+        key, fingerprint = ("", "")
+        if request_id:
+            key, fingerprint = request_key(caller, method, request_id, params)
         for _ in range(3):
             try:
                 # Pipeline mode sends statements whose results are not needed yet together
@@ -99,12 +104,24 @@ class UseCases:
                 continue
         raise RuntimeError(f"{method}: the rows kept moving under concurrent changes")
 
+    async def require_account(self, caller: Caller, account_id: str) -> None:
+        """Raises ACCOUNT_NOT_FOUND unless the account exists for the caller."""
+        account = await self.found(store.accounts.get_account, account_id, account_not_found)
+        self.visible(caller, account)
+
     @staticmethod
-    async def _lock_account(conn: Conn, account_id: str) -> Account:
+    def visible(caller: Caller, account: Account) -> Account:
+        """The account, if its program exists for the caller; else it does not exist."""
+        if not caller.sees(account.program):
+            raise account_not_found(account.id)
+        return account
+
+    @classmethod
+    async def _lock_account(cls, conn: Conn, caller: Caller, account_id: str) -> Account:
         account = await store.accounts.lock_account(conn, account_id)
         if account is None:
             raise account_not_found(account_id)
-        return account
+        return cls.visible(caller, account)
 
     async def _save_account(self, conn: Conn, account: Account) -> None:
         try:
@@ -135,10 +152,18 @@ def fingerprint_of(request: object) -> str:
     return domain.codec.digest(domain.codec.to_json(request))
 
 
-def request_key(method: str, request_id: str, params: object) -> tuple[str, str]:
-    """The stored key of a request id, and the fingerprint of what it asked for."""
+# Between a request key's actor and the rest: identities hold no control characters
+# (api.identity), so the actor is all before the first one (migration 0010).
+_ACTOR_END = "\x1f"
+
+
+def request_key(caller: Caller, method: str, request_id: str, params: object) -> tuple[str, str]:
+    """The stored key of a caller's request id, and the fingerprint of what it asked for."""
+    if _ACTOR_END in caller.identity:  # api.identity lets none through
+        raise ValueError(f"an identity with a control character: {caller.identity!r}")
     # params are JSON-ready: no to_json
-    return f"{method}:{request_id}", domain.codec.digest(params)
+    key = f"{caller.identity}{_ACTOR_END}{method}:{request_id}"
+    return key, domain.codec.digest(params)
 
 
 def request_id_reused(request_id: str) -> RequestIdReused:

@@ -171,7 +171,7 @@ async def list_accounts(
     conn: Conn, where: AccountFilter, after: int | None, limit: int
 ) -> Page[Account]:
     filters = {
-        "program_id": where.program,
+        "program_id": where.program or where.programs,
         "customer": where.customer,
         "status": where.status.value if where.status else None,
     }
@@ -216,7 +216,7 @@ async def reparent_transactions(conn: Conn, source: str, target: str) -> None:
 
 
 async def record_merge(
-    conn: Conn, source: Account, target: str, after_seq: int, now: datetime
+    conn: Conn, source: Account, target: str, after_seq: int, now: datetime, actor: str
 ) -> None:
     await conn.execute(
         _RECORD_MERGE,
@@ -227,5 +227,6 @@ async def record_merge(
             "lifetime_moved": source.lifetime_points,
             "after_seq": after_seq,
             "create_time": now,
+            "actor": actor,
         },
     )

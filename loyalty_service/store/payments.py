@@ -18,7 +18,7 @@ from .sql import Conn, bind, compiled, one
 
 _CLAIMED_PAYMENT_COLUMNS = (
     "id", "program_id", "customer", "amount", "currency", "occurred_at", "metadata",
-    "fingerprint", "create_time",
+    "fingerprint", "create_time", "actor",
 )  # fmt: skip
 
 
@@ -71,7 +71,13 @@ SAVE_PAYMENT = compiled(
 
 
 _LOCK_PAYMENT = compiled(
-    sa.select(payments.c.id, payments.c.amount, payments.c.earn_ids, payments.c.refunded_amount)
+    sa.select(
+        payments.c.id,
+        payments.c.program_id,
+        payments.c.amount,
+        payments.c.earn_ids,
+        payments.c.refunded_amount,
+    )
     .where(payments.c.id == bind(payments.c.id))
     .with_for_update()
 )
@@ -84,7 +90,9 @@ _SAVE_REFUNDED = compiled(
 )
 
 
-_REFUNDS = Claims(refunds, "id", ("id", "payment_id", "amount", "fingerprint", "create_time"))
+_REFUNDS = Claims(
+    refunds, "id", ("id", "payment_id", "amount", "fingerprint", "create_time", "actor")
+)
 
 
 @dataclass(frozen=True)
@@ -92,6 +100,7 @@ class PaidPayment:
     """What a refund needs of a payment (locked)."""
 
     id: str
+    program: str
     amount: int
     earn_ids: list[str]
     refunded_amount: int
@@ -107,7 +116,7 @@ class PaymentClaim:
 
 
 async def claim_payment(
-    conn: Conn, payment: NewPayment, fingerprint: str, now: datetime
+    conn: Conn, payment: NewPayment, fingerprint: str, now: datetime, actor: str
 ) -> PaymentClaim:
     """Holds the payment's program and claims the payment id for this transaction, or returns
     what is stored for it; a concurrent claim waits for the first to end (see Claims)."""
@@ -121,6 +130,7 @@ async def claim_payment(
         "metadata": Jsonb(payment.metadata),
         "fingerprint": fingerprint,
         "create_time": now,
+        "actor": actor,
     }
     row = await one(conn, CLAIM_PAYMENT, params)
     if row is None:
@@ -157,7 +167,9 @@ async def save_payment(
 
 async def lock_payment(conn: Conn, payment_id: str) -> PaidPayment | None:
     row = await one(conn, _LOCK_PAYMENT, {"id": payment_id})
-    return PaidPayment(row.id, row.amount, row.earn_ids, row.refunded_amount) if row else None
+    if row is None:
+        return None
+    return PaidPayment(row.id, row.program_id, row.amount, row.earn_ids, row.refunded_amount)
 
 
 async def save_refunded(conn: Conn, payment_id: str, refunded_amount: int) -> None:
@@ -165,7 +177,7 @@ async def save_refunded(conn: Conn, payment_id: str, refunded_amount: int) -> No
 
 
 async def claim_refund(
-    conn: Conn, refund: NewRefund, fingerprint: str, now: datetime
+    conn: Conn, refund: NewRefund, fingerprint: str, now: datetime, actor: str
 ) -> StoredResponse | None:
     """As claim_payment, for a refund id."""
     params = {
@@ -174,6 +186,7 @@ async def claim_refund(
         "amount": refund.amount,
         "fingerprint": fingerprint,
         "create_time": now,
+        "actor": actor,
     }
     return await _REFUNDS.claim(conn, params)
 

@@ -45,7 +45,7 @@ POSTING_KEYS = (
     "idx", "id", "account_id", "type", "direction", "amount", "delta", "lifetime_delta",
     "min_balance", "max_balance", "closed_ok", "reason", "origin_kind", "origin_id",
     "reverses_id", "rule_id", "rule_version", "metadata", "create_time", "key", "fingerprint",
-    "event_id",
+    "event_id", "actor",
 )  # fmt: skip
 
 
@@ -126,6 +126,7 @@ def _posting_row(idx: int, posting: NewPosting) -> dict[str, object]:
         "key": key,
         "fingerprint": fingerprint,
         "event_id": posting.event_id,
+        "actor": ptx.actor,
     }
 
 

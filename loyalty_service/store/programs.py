@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import typing
-from datetime import datetime
 
 import sqlalchemy as sa
 from psycopg.types.json import Jsonb
@@ -71,6 +70,7 @@ def program_of(row: Row) -> Program:
         create_time=row.create_time,
         update_time=row.update_time,
         earning_rules=from_json(list[EarningRule], row.earning_rules),
+        actor=row.actor,
     )
 
 
@@ -85,6 +85,7 @@ def _program_params(program: Program) -> dict[str, object]:
         "create_time": program.create_time,
         "update_time": program.update_time,
         "earning_rules": Jsonb(to_json(program.earning_rules)),
+        "actor": program.actor,
     }
 
 
@@ -107,8 +108,9 @@ async def save_program(conn: Conn, program: Program) -> None:
 
 _INSERT_RULE_VERSIONS = compiled(
     sa.text("""
-    INSERT INTO earning_rule_versions (rule_id, version, program_id, rule, create_time)
-    SELECT r.rule ->> 'id', CAST(r.rule ->> 'version' AS int), :program_id, r.rule, :create_time
+    INSERT INTO earning_rule_versions (rule_id, version, program_id, rule, create_time, actor)
+    SELECT r.rule ->> 'id', CAST(r.rule ->> 'version' AS int), :program_id, r.rule, :create_time,
+        :actor
     FROM jsonb_array_elements(:rules) AS r(rule)
     ON CONFLICT DO NOTHING
     """)
@@ -119,7 +121,7 @@ _rule_version = earning_rule_versions.c
 
 
 _GET_RULE_VERSION = compiled(
-    sa.select(_rule_version.rule)
+    sa.select(_rule_version.rule, _rule_version.program_id)
     .where(_rule_version.rule_id == bind(_rule_version.rule_id))
     .order_by(_rule_version.version.desc())
     .limit(const(1))
@@ -127,28 +129,35 @@ _GET_RULE_VERSION = compiled(
 
 
 _GET_RULE_VERSION_OF = compiled(
-    sa.select(_rule_version.rule).where(
+    sa.select(_rule_version.rule, _rule_version.program_id).where(
         _rule_version.rule_id == bind(_rule_version.rule_id),
         _rule_version.version == bind(_rule_version.version),
     )
 )
 
 
-async def save_rule_versions(
-    conn: Conn, program_id: str, rules: list[EarningRule], now: datetime
-) -> None:
-    """Keeps the rules' versions (those already kept stay as they were)."""
-    params = {"program_id": program_id, "rules": Jsonb(to_json(rules)), "create_time": now}
+async def save_rule_versions(conn: Conn, program: Program) -> None:
+    """Keeps the program's rules' versions, as of its update and by its actor (those
+    already kept stay as they were)."""
+    params = {
+        "program_id": program.id,
+        "rules": Jsonb(to_json(program.earning_rules)),
+        "create_time": program.update_time,
+        "actor": program.actor,
+    }
     await conn.execute(_INSERT_RULE_VERSIONS, params)
 
 
-async def get_rule_version(conn: Conn, rule_id: str, version: int | None) -> EarningRule | None:
-    """A version of a rule, or its latest (also of a rule since removed) when None."""
+async def get_rule_version(
+    conn: Conn, rule_id: str, version: int | None
+) -> tuple[str, EarningRule] | None:
+    """A version of a rule, or its latest (also of a rule since removed) when None; with
+    the id of its program."""
     if version is None:
         row = await one(conn, _GET_RULE_VERSION, {"rule_id": rule_id})
     else:
         row = await one(conn, _GET_RULE_VERSION_OF, {"rule_id": rule_id, "version": version})
-    return from_json(EarningRule, row.rule) if row else None
+    return (row.program_id, from_json(EarningRule, row.rule)) if row else None
 
 
 async def program_has_accounts(conn: Conn, program_id: str) -> bool:
@@ -158,7 +167,12 @@ async def program_has_accounts(conn: Conn, program_id: str) -> bool:
 
 
 async def list_programs(
-    conn: Conn, status: ProgramStatus | None, after: int | None, limit: int
+    conn: Conn,
+    status: ProgramStatus | None,
+    ids: frozenset[str] | None,
+    after: int | None,
+    limit: int,
 ) -> Page[Program]:
-    filters = {"status": status.value if status else None}
+    """A page of programs, of those with `ids` only (None: all)."""
+    filters = {"status": status.value if status else None, "id": ids}
     return await filtered_page(conn, programs, PROGRAM_COLUMNS, filters, after, limit, program_of)

@@ -30,6 +30,7 @@ def transaction_of(row: Row) -> PointsTransaction:
         reversed_amount=row.reversed_amount,
         rule=row.rule_id,
         rule_version=row.rule_version,
+        actor=row.actor,
     )
 
 
@@ -50,6 +51,7 @@ def account_of(row: Row) -> Account:
         update_time=row.update_time,
         merged_into=row.merged_into,
         version=row.version,
+        actor=row.actor,
     )
 
 
@@ -67,4 +69,5 @@ def account_params(account: Account) -> dict[str, object]:
         "update_time": account.update_time,
         "merged_into": account.merged_into,
         "version": account.version,
+        "actor": account.actor,
     }

@@ -48,11 +48,19 @@ async def one(conn: Conn, sql: str, params: dict[str, object]) -> Row | None:
 
 @functools.cache
 def _filtered_page_sql(
-    table: sa.Table, columns: tuple[sa.Column, ...], filtered: tuple[str, ...], after: bool
+    table: sa.Table,
+    columns: tuple[sa.Column, ...],
+    filtered: tuple[tuple[str, bool], ...],
+    after: bool,
 ) -> str:
     statement = sa.select(*columns, table.c.seq)
-    for name in filtered:
-        statement = statement.where(table.c[name] == bind(table.c[name]))
+    for name, any_of in filtered:
+        column = table.c[name]
+        if any_of:
+            kind = postgresql.ARRAY(column.type)
+            statement = statement.where(column == sa.any_(sa.bindparam(name, type_=kind)))
+        else:
+            statement = statement.where(column == bind(column))
     # Newest first. One extra row (limit is page size + 1) tells whether a page follows.
     if after:
         statement = statement.where(table.c.seq < sa.bindparam("after", type_=sa.BigInteger))
@@ -70,11 +78,16 @@ async def filtered_page(
     convert: typing.Callable[[Row], T],
 ) -> Page[T]:
     """A page of `table`'s rows, newest first (by seq) after the keyset position `after`,
-    where each column named in `filters` equals its value; a filter of None is no filter.
-    One statement per combination of filters, compiled on first use."""
+    where each column named in `filters` equals its value, or one of them (a frozenset); a
+    filter of None is no filter. One statement per combination of filters, compiled on first
+    use."""
     given = tuple(name for name, value in filters.items() if value is not None)
-    sql = _filtered_page_sql(table, tuple(columns), given, after is not None)
-    params = {**{name: filters[name] for name in given}, "after": after, "limit": limit + 1}
+    sets = tuple((name, isinstance(filters[name], frozenset)) for name in given)
+    sql = _filtered_page_sql(table, tuple(columns), sets, after is not None)
+    params: dict[str, object] = {"after": after, "limit": limit + 1}
+    for name in given:
+        value = filters[name]
+        params[name] = sorted(value) if isinstance(value, frozenset) else value
     rows = await (await conn.execute(sql, params)).fetchall()
     items = rows[:limit]
     next_after = items[-1].seq if len(rows) > limit else None

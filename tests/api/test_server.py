@@ -245,7 +245,7 @@ def test_replicas_migrate_one_at_a_time(postgres_server_url):
         outputs = [run.communicate(timeout=120)[0] for run in runs]
         assert [run.returncode for run in runs] == [0, 0, 0], outputs
         with psycopg.connect(libpq_url(url)) as conn:
-            assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("0009",)]
+            assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("0010",)]
             assert conn.execute("SELECT id FROM programs").fetchall() == [("prog_default",)]
     finally:
         for run in runs:

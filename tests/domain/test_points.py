@@ -330,16 +330,17 @@ def test_new_transaction_defaults():
 
 
 def test_revised_moves_the_version_and_the_update_time_on():
-    after = domain.accounts.revised(ACCOUNT, LATER, balance=5)
-    assert after == replace(ACCOUNT, balance=5, update_time=LATER, version=2)
-    assert domain.accounts.revised(after, LATER).version == 3
+    after = domain.accounts.revised(ACCOUNT, LATER, "crm", balance=5)
+    assert after == replace(ACCOUNT, balance=5, update_time=LATER, version=2, actor="crm")
+    again = domain.accounts.revised(after, LATER, "spiffe://a/checkout")
+    assert (again.version, again.actor) == (3, "spiffe://a/checkout")
 
 
 def test_merge_rules():
     other = replace(ACCOUNT, id=OTHER_ACCOUNT_ID, balance=5, lifetime_points=7)
     domain.accounts.check_merge(ACCOUNT, other)
-    assert domain.accounts.merged_target(other, ACCOUNT, NOW, []).balance == 105
-    assert domain.accounts.merged_target(other, ACCOUNT, NOW, []).lifetime_points == 157
+    assert domain.accounts.merged_target(other, ACCOUNT, NOW, "crm", []).balance == 105
+    assert domain.accounts.merged_target(other, ACCOUNT, NOW, "crm", []).lifetime_points == 157
     with pytest.raises(domain.errors.ProgramMismatch) as mismatch:
         domain.accounts.check_merge(ACCOUNT, replace(other, program="prog_other"))
     assert mismatch.value.metadata == {
@@ -357,9 +358,11 @@ def test_merge_rules():
 def test_merged_accounts():
     source = account(balance=-8, lifetime_points=40, tier="gold")
     target = account(id=OTHER_ACCOUNT_ID, balance=30, lifetime_points=60, version=4)
-    merged = domain.accounts.merged_target(target, source, LATER, [])
-    assert merged == replace(target, balance=22, lifetime_points=100, update_time=LATER, version=5)
-    emptied = domain.accounts.merged_source(source, target, LATER)
+    merged = domain.accounts.merged_target(target, source, LATER, "crm", [])
+    assert merged == replace(
+        target, balance=22, lifetime_points=100, update_time=LATER, version=5, actor="crm"
+    )
+    emptied = domain.accounts.merged_source(source, target, LATER, "crm")
     assert emptied == replace(
         source,
         status=MERGED,
@@ -368,6 +371,7 @@ def test_merged_accounts():
         lifetime_points=0,
         update_time=LATER,
         version=2,
+        actor="crm",
     )
 
 

@@ -127,7 +127,7 @@ def test_welcomed_tier(tiers_, rules, expected):
 def test_a_merge_promotes_its_target():
     source = replace(ACCOUNT, lifetime_points=400)
     target = replace(ACCOUNT, id=OTHER_ACCOUNT_ID, lifetime_points=150, tier="silver")
-    merged = domain.accounts.merged_target(target, source, NOW, TIERS)
+    merged = domain.accounts.merged_target(target, source, NOW, "crm", TIERS)
     assert (merged.lifetime_points, merged.tier, merged.version) == (550, "gold", 2)
 
 
@@ -153,7 +153,7 @@ def test_a_merge_promotes_its_target():
 def test_a_merged_target_tier(target, source, tiers_, lifetime, expected):
     target_account = account(id=OTHER_ACCOUNT_ID, lifetime_points=target[0], tier=target[1])
     source_account = account(lifetime_points=source[0], tier=source[1])
-    merged = domain.accounts.merged_target(target_account, source_account, NOW, tiers_)
+    merged = domain.accounts.merged_target(target_account, source_account, NOW, "crm", tiers_)
     assert (merged.lifetime_points, merged.tier) == (lifetime, expected)
 
 

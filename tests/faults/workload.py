@@ -534,7 +534,7 @@ class Workload:
         merged = {a: e.merged_into for a, e in expected.items() if e.merged_into}
         check(merges == merged, f"merges: {merges}, expected {merged}")
         keyed = {
-            f"{a.method}:{a.key}"
+            f"anonymous\x1f{a.method}:{a.key}"  # the caller's own key (no identity source)
             for a in acks
             if a.method not in ("RecordPayment", "RecordRefund")  # keyed by their own ids
         }

@@ -10,6 +10,7 @@ import asyncio
 import psycopg
 
 from loyalty_service import db, store
+from loyalty_service.domain.callers import ANYONE
 from loyalty_service.domain.points import Direction, TransactionType
 from loyalty_service.ledger import Ledger
 from tests.ledger.support import autocommit_connection, run, sequence
@@ -37,7 +38,7 @@ def test_an_accounts_events_follow_its_commits_when_the_later_took_its_xid_first
     url = databases.create()
 
     async def scenario(ledger: Ledger) -> None:
-        account = (await ledger.create_account("prog_default", None, {})).id
+        account = (await ledger.create_account(ANYONE, "prog_default", None, {})).id
         async with (
             await autocommit_connection(url) as first,
             await autocommit_connection(url) as later,
@@ -69,7 +70,10 @@ def test_passes_that_race_never_move_an_event_twice_nor_leave_a_gap(databases):
     accounts, writers, postings = 5, 8, 40
 
     async def scenario(ledger: Ledger) -> None:
-        ids = [(await ledger.create_account("prog_default", None, {})).id for _ in range(accounts)]
+        ids = [
+            (await ledger.create_account(ANYONE, "prog_default", None, {})).id
+            for _ in range(accounts)
+        ]
         writing = True
 
         async def write(index: int) -> None:

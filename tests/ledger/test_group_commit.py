@@ -9,6 +9,7 @@ import psycopg
 import pytest
 
 from loyalty_service import db
+from loyalty_service.domain.callers import ANYONE
 from loyalty_service.domain.errors import AccountNotActive, InsufficientPoints
 from loyalty_service.domain.points import Direction, NewTransaction, TransactionType
 from loyalty_service.ledger import Ledger
@@ -41,7 +42,7 @@ def batch_sizes(ledger: Ledger) -> list[int]:
 
 
 async def balances(ledger: Ledger, *account_ids: str) -> list[int]:
-    return [(await ledger.get_account(account_id)).balance for account_id in account_ids]
+    return [(await ledger.get_account(ANYONE, account_id)).balance for account_id in account_ids]
 
 
 def test_one_refused_posting_does_not_fail_its_batch(databases):
@@ -49,12 +50,12 @@ def test_one_refused_posting_does_not_fail_its_batch(databases):
     gets here) fails alone; the others of its batch are posted."""
 
     async def scenario(ledger: Ledger) -> None:
-        a, b, c = [await ledger.create_account("prog_default", None, {}) for _ in range(3)]
+        a, b, c = [await ledger.create_account(ANYONE, "prog_default", None, {}) for _ in range(3)]
         sizes = batch_sizes(ledger)
         results = await asyncio.gather(
-            ledger.create_transaction(earn(a.id, 5)),
-            ledger.create_transaction(earn(b.id, 7, reason="bad\x00")),
-            ledger.create_transaction(earn(c.id, 9)),
+            ledger.create_transaction(ANYONE, earn(a.id, 5)),
+            ledger.create_transaction(ANYONE, earn(b.id, 7, reason="bad\x00")),
+            ledger.create_transaction(ANYONE, earn(c.id, 9)),
             return_exceptions=True,
         )
         assert [r.points_after for r in (results[0], results[2])] == [5, 9]
@@ -67,15 +68,18 @@ def test_one_refused_posting_does_not_fail_its_batch(databases):
 
 def test_refusals_in_a_batch_are_reported_per_posting(databases):
     async def scenario(ledger: Ledger) -> None:
-        rich, poor, closed = [await ledger.create_account("prog_default", None, {}) for _ in "abc"]
-        await ledger.create_transaction(earn(rich.id, 100))
-        await ledger.close_account(closed.id)
+        rich, poor, closed = [
+            await ledger.create_account(ANYONE, "prog_default", None, {}) for _ in "abc"
+        ]
+        await ledger.create_transaction(ANYONE, earn(rich.id, 100))
+        await ledger.close_account(ANYONE, closed.id)
         sizes = batch_sizes(ledger)
         results = await asyncio.gather(
-            ledger.create_transaction(redeem(rich.id, 60)),
-            ledger.create_transaction(redeem(poor.id, 1)),
-            ledger.create_transaction(earn(closed.id, 3)),
-            ledger.create_transaction(redeem(rich.id, 60)),  # after the first, in the same batch
+            ledger.create_transaction(ANYONE, redeem(rich.id, 60)),
+            ledger.create_transaction(ANYONE, redeem(poor.id, 1)),
+            ledger.create_transaction(ANYONE, earn(closed.id, 3)),
+            # After the first, in the same batch:
+            ledger.create_transaction(ANYONE, redeem(rich.id, 60)),
             return_exceptions=True,
         )
         assert results[0].points_after == 40
@@ -95,12 +99,12 @@ def test_a_batch_skips_an_account_locked_elsewhere(databases):
     url = databases.create()
 
     async def scenario(ledger: Ledger) -> None:
-        held, free = [await ledger.create_account("prog_default", None, {}) for _ in "ab"]
+        held, free = [await ledger.create_account(ANYONE, "prog_default", None, {}) for _ in "ab"]
         async with await psycopg.AsyncConnection.connect(db.libpq_url(url)) as blocker:
             await blocker.execute("SELECT 1 FROM accounts WHERE id = %s FOR UPDATE", [held.id])
             sizes = batch_sizes(ledger)
-            stuck = asyncio.ensure_future(ledger.create_transaction(earn(held.id, 4)))
-            posted = await asyncio.wait_for(ledger.create_transaction(earn(free.id, 6)), 5)
+            stuck = asyncio.ensure_future(ledger.create_transaction(ANYONE, earn(held.id, 4)))
+            posted = await asyncio.wait_for(ledger.create_transaction(ANYONE, earn(free.id, 6)), 5)
             assert posted.points_after == 6
             assert sizes == [2], "both went in one batch, which skipped the locked account"
             await asyncio.sleep(0.3)
@@ -113,9 +117,12 @@ def test_a_batch_skips_an_account_locked_elsewhere(databases):
 
 def test_same_request_id_in_flight_ten_times_takes_effect_once(databases):
     async def scenario(ledger: Ledger) -> None:
-        account = await ledger.create_account("prog_default", None, {})
+        account = await ledger.create_account(ANYONE, "prog_default", None, {})
         results = await asyncio.gather(
-            *(ledger.create_transaction(earn(account.id, 10), "req-once") for _ in range(10))
+            *(
+                ledger.create_transaction(ANYONE, earn(account.id, 10), "req-once")
+                for _ in range(10)
+            )
         )
         assert len({r.id for r in results}) == 1
         assert await balances(ledger, account.id) == [10]
@@ -186,11 +193,11 @@ def test_the_kernel_says_what_it_did_with_each_posting_of_a_batch(databases):
         )
 
     async def scenario(ledger: Ledger) -> None:
-        ids = [(await ledger.create_account("prog_default", None, {})).id for _ in range(5)]
+        ids = [(await ledger.create_account(ANYONE, "prog_default", None, {})).id for _ in range(5)]
         fresh, replayed, held, closed, poor = ids
-        first = await ledger.create_transaction(earn(replayed, 8), "req-1")
-        await ledger.close_account(closed)
-        key = "CreatePointsTransaction:req-1"
+        first = await ledger.create_transaction(ANYONE, earn(replayed, 8), "req-1")
+        await ledger.close_account(ANYONE, closed)
+        key = "anonymous\x1fCreatePointsTransaction:req-1"
         async with (
             db.connection(ledger.pool) as conn,
             await psycopg.AsyncConnection.connect(db.libpq_url(url)) as blocker,
@@ -199,7 +206,7 @@ def test_the_kernel_says_what_it_did_with_each_posting_of_a_batch(databases):
             done = await store.postings.post(
                 conn,
                 [
-                    posting(earn(fresh, 3), "CreatePointsTransaction:req-2"),
+                    posting(earn(fresh, 3), "anonymous\x1fCreatePointsTransaction:req-2"),
                     posting(earn(replayed, 8), key),
                     posting(earn(held, 1)),
                     posting(earn(closed, 1)),
@@ -237,11 +244,11 @@ def test_a_batch_applies_postings_in_the_order_they_came(databases):
     ids: an earn then a redeem of what it earned both post."""
 
     async def scenario(ledger: Ledger) -> None:
-        account = await ledger.create_account("prog_default", None, {})
+        account = await ledger.create_account(ANYONE, "prog_default", None, {})
         sizes = batch_sizes(ledger)
         earned, spent = await asyncio.gather(
-            ledger.create_transaction(earn(account.id, 100), "z-earn"),
-            ledger.create_transaction(redeem(account.id, 100), "a-redeem"),
+            ledger.create_transaction(ANYONE, earn(account.id, 100), "z-earn"),
+            ledger.create_transaction(ANYONE, redeem(account.id, 100), "a-redeem"),
         )
         assert sizes == [2]
         assert (earned.points_after, spent.points_after) == (100, 0)

@@ -16,6 +16,7 @@ import pytest
 from loyalty_service import db, domain, store
 from loyalty_service.db import libpq_url
 from loyalty_service.domain.accounts import AccountStatus
+from loyalty_service.domain.callers import ANYONE
 from loyalty_service.domain.errors import (
     AccountNotActive,
     AccountNotFound,
@@ -77,8 +78,10 @@ def test_postings_on_one_account_apply_in_order_and_refusals_say_why(databases):
     url = databases.create()
 
     async def scenario(ledger: Ledger) -> None:
-        program = await ledger.create_program(None, NewProgram("Tiered", "EUR", tiers=[SILVER]))
-        account = (await ledger.create_account(program.id, None, {})).id
+        program = await ledger.create_program(
+            ANYONE, None, NewProgram("Tiered", "EUR", tiers=[SILVER])
+        )
+        account = (await ledger.create_account(ANYONE, program.id, None, {})).id
         async with db.connection(ledger.pool) as conn:
             done = await store.postings.post(
                 conn,
@@ -100,7 +103,7 @@ def test_postings_on_one_account_apply_in_order_and_refusals_say_why(databases):
         refused = done[1].account
         assert refused is not None and (refused.balance, refused.lifetime_points) == (60, 60)
         assert done[3].account is None, "a snapshot only of the last posting"
-        after = await ledger.get_account(account)
+        after = await ledger.get_account(ANYONE, account)
         assert (after.balance, after.lifetime_points, after.tier, after.version) == (
             0, 110, "silver", 4
         )  # fmt: skip
@@ -114,7 +117,9 @@ def test_postings_on_one_account_apply_in_order_and_refusals_say_why(databases):
         assert isinstance(missing, AccountNotFound)
         # Each posted one logged its event, the promotion's right after the posting's.
         await sequence(ledger)
-        page = await ledger.list_events(EventFilter(frozenset(EventType)), 0, 100, check=False)
+        page = await ledger.list_events(
+            ANYONE, EventFilter(frozenset(EventType)), 0, 100, check=False
+        )
         logged = [(e.type, e.position) for e in page.events if e.account == account]
         assert logged == [
             (EventType.ACCOUNT_CREATED, 1), (EventType.TRANSACTION_CREATED, 2),
@@ -131,10 +136,10 @@ def test_a_refunds_reversal_takes_a_closed_account_and_counts_itself(databases):
     url = databases.create()
 
     async def scenario(ledger: Ledger) -> None:
-        account = (await ledger.create_account("prog_default", None, {})).id
-        earned = await ledger.create_transaction(NewTransaction(account, EARN, CREDIT, 50))
-        await ledger.create_transaction(NewTransaction(account, REDEEM, DEBIT, 40))
-        await ledger.close_account(account)
+        account = (await ledger.create_account(ANYONE, "prog_default", None, {})).id
+        earned = await ledger.create_transaction(ANYONE, NewTransaction(account, EARN, CREDIT, 50))
+        await ledger.create_transaction(ANYONE, NewTransaction(account, REDEEM, DEBIT, 40))
+        await ledger.close_account(ANYONE, account)
         now = datetime.now(UTC)
         origin = (OriginKind.REFUND, "ref_1")
         by_hand = reversal(earned, 30, origin, "by hand", now, refund=False)
@@ -149,9 +154,9 @@ def test_a_refunds_reversal_takes_a_closed_account_and_counts_itself(databases):
                 refusal(done[0].result, account, done[0].account, by_hand[1]), AccountNotActive
             )
             assert done[1].points_after == -20  # 10 left, 30 taken back
-        reversed_ = await ledger.get_transaction(earned.id)
+        reversed_ = await ledger.get_transaction(ANYONE, earned.id)
         assert reversed_.reversed_amount == 30
-        account_after = await ledger.get_account(account)
+        account_after = await ledger.get_account(ANYONE, account)
         assert (account_after.balance, account_after.lifetime_points) == (-20, 50)
 
     run(url, scenario)
@@ -160,7 +165,7 @@ def test_a_refunds_reversal_takes_a_closed_account_and_counts_itself(databases):
 async def logged(ledger: Ledger) -> list[tuple[EventType, int]]:
     """Every event in the log: its type and position."""
     await sequence(ledger)
-    page = await ledger.list_events(EventFilter(frozenset(EventType)), 0, 100, check=False)
+    page = await ledger.list_events(ANYONE, EventFilter(frozenset(EventType)), 0, 100, check=False)
     return [(e.type, e.position) for e in page.events]
 
 
@@ -170,7 +175,7 @@ def test_events_before_come_first_and_a_refusal_undoes_nothing_else(databases):
     url = databases.create()
 
     async def scenario(ledger: Ledger) -> None:
-        account = await ledger.create_account("prog_default", None, {})
+        account = await ledger.create_account(ANYONE, "prog_default", None, {})
         updated = account_event(EventType.ACCOUNT_UPDATED, account)
         async with db.connection(ledger.pool) as conn:
             done = await store.postings.post(
@@ -211,7 +216,7 @@ def test_writers_never_hold_the_head_and_a_pass_moves_only_what_committed(databa
         return False
 
     async def scenario(ledger: Ledger) -> None:
-        account = await ledger.create_account("prog_default", None, {})
+        account = await ledger.create_account(ANYONE, "prog_default", None, {})
         updated = account_event(EventType.ACCOUNT_UPDATED, account)
         async with (
             db.connection(ledger.pool) as conn,
@@ -253,8 +258,12 @@ def test_the_kernel_promotes_and_logs_in_order(databases):
 
     async def scenario(ledger: Ledger) -> None:
         tiers = [domain.programs.Tier("silver", 100), domain.programs.Tier("gold", 500)]
-        program = await ledger.create_program(None, NewProgram("Tiered", "EUR", tiers=tiers))
-        a, b, c, d, e = [(await ledger.create_account(program.id, None, {})).id for _ in range(5)]
+        program = await ledger.create_program(
+            ANYONE, None, NewProgram("Tiered", "EUR", tiers=tiers)
+        )
+        a, b, c, d, e = [
+            (await ledger.create_account(ANYONE, program.id, None, {})).id for _ in range(5)
+        ]
         async with db.connection(ledger.pool) as conn:
 
             async def alone(posting: store.postings.NewPosting) -> store.postings.Posted:
@@ -281,7 +290,11 @@ def test_the_kernel_promotes_and_logs_in_order(databases):
             assert [p.points_after for p in done] == [300, 10, 600, 150, 500]
         await sequence(ledger)
         page = await ledger.list_events(
-            domain.events.EventFilter(frozenset(domain.events.EventType)), 0, 1000, check=False
+            ANYONE,
+            domain.events.EventFilter(frozenset(domain.events.EventType)),
+            0,
+            1000,
+            check=False,
         )
         logged = [x for x in page.events if x.type is not domain.events.EventType.ACCOUNT_CREATED]
         assert [x.position for x in logged] == list(range(6, 6 + len(logged)))
@@ -299,7 +312,7 @@ def test_the_kernel_promotes_and_logs_in_order(databases):
             (a, "silver", 100), (b, "silver", 100), (c, "silver", 300), (c, "gold", 600),
             (e, "silver", 150), (a, "gold", 500),
         ]  # fmt: skip
-        assert snapshots[-1] == await ledger.get_account(a)
+        assert snapshots[-1] == await ledger.get_account(ANYONE, a)
         assert len({x.id for x in logged}) == len(logged)
 
     run(url, scenario)
@@ -310,11 +323,13 @@ def test_a_request_id_reused_on_a_missing_account_is_reused_not_missing(database
     another (missing) account is REQUEST_ID_REUSED, not ACCOUNT_NOT_FOUND."""
 
     async def scenario(ledger: Ledger) -> None:
-        account = await ledger.create_account("prog_default", None, {})
-        await ledger.create_transaction(NewTransaction(account.id, EARN, CREDIT, 5), "req-1")
+        account = await ledger.create_account(ANYONE, "prog_default", None, {})
+        await ledger.create_transaction(
+            ANYONE, NewTransaction(account.id, EARN, CREDIT, 5), "req-1"
+        )
         missing = NewTransaction("loy_" + "M" * 20, EARN, CREDIT, 5)
         with pytest.raises(RequestIdReused):
-            await ledger.create_transaction(missing, "req-1")
+            await ledger.create_transaction(ANYONE, missing, "req-1")
 
     run(databases.create(), scenario)
 
@@ -325,7 +340,7 @@ def test_the_benchmarks_call_of_the_kernel_is_the_services(databases):
     url = databases.create()
 
     async def scenario(ledger: Ledger) -> None:
-        account = (await ledger.create_account("prog_default", None, {})).id
+        account = (await ledger.create_account(ANYONE, "prog_default", None, {})).id
         new = posting(account, EARN, CREDIT, 7)
         sent = store.postings.post_points_call(
             [
@@ -338,6 +353,7 @@ def test_the_benchmarks_call_of_the_kernel_is_the_services(databases):
                     "reverses_id": "NULL::text", "rule_id": "NULL::text",
                     "rule_version": "NULL::int", "metadata": "'{}'::jsonb",
                     "create_time": "now()", "key": "'k-bench'", "fingerprint": "'f'",
+                    "actor": "'bench'",
                     "event_id": f"'{new.event_id}'",
                 }
             ]
@@ -345,7 +361,7 @@ def test_the_benchmarks_call_of_the_kernel_is_the_services(databases):
         async with db.connection(ledger.pool) as conn:
             row = await (await conn.execute(sent)).fetchone()
         assert (row.result, row.points_after) == ("POSTED", 7)
-        assert (await ledger.get_transaction(new.ptx.id)).points_after == 7
+        assert (await ledger.get_transaction(ANYONE, new.ptx.id)).points_after == 7
 
     run(url, scenario)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 
 from loyalty_service import db, store
+from loyalty_service.domain.callers import ANYONE
 from loyalty_service.domain.points import Direction, TransactionType
 from loyalty_service.domain.programs import NewProgram
 from loyalty_service.ledger import Ledger
@@ -49,8 +50,8 @@ def test_the_kernel_reads_only_the_accounts_it_posts_to(databases):
     url = databases.create()
 
     async def scenario(ledger: Ledger, pool) -> None:
-        program = await ledger.create_program(None, NewProgram("Small", "EUR"))
-        account = (await ledger.create_account(program.id, None, {})).id
+        program = await ledger.create_program(ANYONE, None, NewProgram("Small", "EUR"))
+        account = (await ledger.create_account(ANYONE, program.id, None, {})).id
         earn = (account, TransactionType.EARN, Direction.CREDIT, 1)
         async with db.connection(pool) as conn:
             for _ in range(PLANNED):
@@ -62,7 +63,7 @@ def test_the_kernel_reads_only_the_accounts_it_posts_to(databases):
                 read = await _accounts_read(conn) - before
         assert [d.result for d in done] == ["POSTED"]
         assert read <= 4, f"the kernel read {read} account rows to post to one"
-        assert (await ledger.get_account(account)).balance == PLANNED + 1
+        assert (await ledger.get_account(ANYONE, account)).balance == PLANNED + 1
 
     _on_one_connection(url, scenario)
 
@@ -71,7 +72,7 @@ def test_a_customers_former_accounts_are_found_without_reading_the_programs(data
     url = databases.create()
 
     async def scenario(ledger: Ledger, pool) -> None:
-        program = await ledger.create_program(None, NewProgram("Small", "EUR"))
+        program = await ledger.create_program(ANYONE, None, NewProgram("Small", "EUR"))
         async with db.connection(pool) as conn:
             for n in range(PLANNED):
                 assert await store.accounts.former_account(conn, program.id, f"c{n}") is None

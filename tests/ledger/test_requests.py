@@ -7,6 +7,7 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 
 from loyalty_service import db
+from loyalty_service.domain.callers import ANYONE
 from loyalty_service.ledger import Ledger
 
 
@@ -27,10 +28,10 @@ def test_request_ids_are_kept_for_the_retention_period(databases):
         clock = StepClock(datetime(2026, 1, 1, tzinfo=UTC))
         async with db.create_pool(url, size=2) as pool:
             ledger = Ledger(pool, clock)
-            account = await ledger.create_account("prog_default", "c1", {}, "req-1")
+            account = await ledger.create_account(ANYONE, "prog_default", "c1", {}, "req-1")
             clock.now += timedelta(hours=47)
             assert await ledger.prune_request_ids(timedelta(hours=48)) == 0
-            replay = await ledger.create_account("prog_default", "c1", {}, "req-1")
+            replay = await ledger.create_account(ANYONE, "prog_default", "c1", {}, "req-1")
             assert replay == account
 
             clock.now += timedelta(hours=2)
