@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import uvloop
@@ -29,12 +30,16 @@ async def _check(url: str) -> int:
         violations = await find_violations(pool)
         async with db.connection(pool) as conn:
             queued = await store.events.queued(conn)
+            unrecorded = await store.checks.unrecorded_expiries(conn, datetime.now(UTC))
     for line in violations:
         print(line)
     print(f"{len(violations)} invariant violations")
     # Not a violation: how far the event log's sequencer is behind what has committed.
     oldest = f", the oldest written at {queued.oldest.isoformat()}" if queued.oldest else ""
     print(f"{queued.events} events waiting for a position in the event log{oldest}")
+    # Nor this, within EXPIRY_GRACE: how far the hold expiry job is behind.
+    oldest = f", the oldest at {unrecorded[0].expire_time.isoformat()}" if unrecorded else ""
+    print(f"{len(unrecorded)} expired holds not yet recorded as EXPIRED{oldest}")
     return 1 if violations else 0
 
 

@@ -63,7 +63,13 @@ programs = sa.Table(
     sa.Column("update_time", sa.DateTime(timezone=True), nullable=False),
     # [EarningRule as JSON (domain.codec.to_json), ...] in the order they apply.
     sa.Column("earning_rules", JSONB, nullable=False, server_default=sa.text("'[]'::jsonb")),
+    # A hold's time to live when its request names none, and the longest it may ask for.
+    sa.Column("hold_default_ttl_seconds", sa.Integer, nullable=False, server_default="900"),
+    sa.Column("hold_max_ttl_seconds", sa.Integer, nullable=False, server_default="604800"),
     sa.CheckConstraint("status IN ('ACTIVE', 'ARCHIVED')", name="status"),
+    sa.CheckConstraint(
+        "hold_default_ttl_seconds BETWEEN 1 AND hold_max_ttl_seconds", name="hold_ttls"
+    ),
 )
 
 accounts = sa.Table(
@@ -83,7 +89,10 @@ accounts = sa.Table(
     sa.Column("merged_into", sa.Text, sa.ForeignKey("accounts.id")),
     # One more with every change of the account, postings included.
     sa.Column("version", sa.BigInteger, nullable=False, server_default="1"),
+    # The points of its HELD holds (points_holds); the available balance is balance - this.
+    sa.Column("held_points", sa.BigInteger, nullable=False, server_default="0"),
     sa.CheckConstraint("status IN ('ACTIVE', 'CLOSED', 'MERGED')", name="status"),
+    sa.CheckConstraint("held_points >= 0", name="held_points"),
     sa.CheckConstraint("lifetime_points >= 0", name="lifetime_points"),
     sa.CheckConstraint("(status = 'MERGED') = (merged_into IS NOT NULL)", name="merged_into"),
     # The race-proof guard for "one ACTIVE account per (program, customer)".
@@ -204,6 +213,54 @@ refunds = sa.Table(
     sa.Column("create_time", sa.DateTime(timezone=True), nullable=False),
     sa.CheckConstraint("amount > 0", name="amount"),
     sa.Index("ix_refunds_payment_id", "payment_id"),
+)
+
+# Points reserved for a while (migration 0011): HELD until captured, released, or expired.
+points_holds = sa.Table(
+    "points_holds",
+    metadata,
+    _actor(),
+    *_id_and_seq(),
+    sa.Column("account_id", sa.Text, sa.ForeignKey("accounts.id"), nullable=False),
+    # Where the hold was made, once a merge has moved it to another account.
+    sa.Column("original_account_id", sa.Text, sa.ForeignKey("accounts.id")),
+    sa.Column("program_id", sa.Text, sa.ForeignKey("programs.id"), nullable=False),
+    # The caller's key, unique in the program for good.
+    sa.Column("reference", sa.Text, nullable=False),
+    sa.Column("amount", sa.BigInteger, nullable=False),
+    sa.Column("captured_amount", sa.BigInteger, nullable=False, server_default="0"),
+    # HELD until settled: a HELD hold past expire_time is EXPIRED (SQL hold_json).
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("metadata", JSONB, nullable=False),
+    sa.Column("create_time", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("expire_time", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("capture_time", sa.DateTime(timezone=True)),
+    sa.Column("release_time", sa.DateTime(timezone=True)),
+    sa.Column("capture_transaction_id", sa.Text, sa.ForeignKey("points_transactions.id")),
+    # What the creating request asked for: a retry with the same reference must ask the same.
+    sa.Column("fingerprint", sa.Text, nullable=False),
+    # The account's version after the hold's latest change.
+    sa.Column("account_version", sa.BigInteger, nullable=False),
+    sa.Column("captured_by", sa.Text),
+    sa.Column("released_by", sa.Text),
+    sa.CheckConstraint("amount > 0", name="amount"),
+    sa.CheckConstraint("captured_amount BETWEEN 0 AND amount", name="captured_amount"),
+    sa.CheckConstraint("status IN ('HELD', 'CAPTURED', 'RELEASED', 'EXPIRED')", name="status"),
+    sa.CheckConstraint(
+        "(status = 'CAPTURED') = (capture_transaction_id IS NOT NULL)", name="captured"
+    ),
+    sa.UniqueConstraint("program_id", "reference"),
+    sa.Index(
+        "ix_points_holds_account_id",
+        "account_id",
+        "expire_time",
+        postgresql_where=sa.text("status = 'HELD'"),
+    ),
+    sa.Index(
+        "ix_points_holds_expire_time", "expire_time", postgresql_where=sa.text("status = 'HELD'")
+    ),
+    sa.Index("ix_points_holds_account_id_seq", "account_id", "seq"),
 )
 
 idempotency_keys = sa.Table(
@@ -388,6 +445,8 @@ MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 MIGRATION_LOCK_ID = 0x4C4F59414C5459  # "LOYALTY"
 # The advisory lock the event sequencer's connection holds: one replica sequences at a time.
 SEQUENCER_LOCK_ID = MIGRATION_LOCK_ID + 1
+# The hold expiry job's (ledger.holds_expiry).
+HOLD_EXPIRY_LOCK_ID = MIGRATION_LOCK_ID + 2
 
 
 def migrate(url: str, migrations: Path = MIGRATIONS) -> None:

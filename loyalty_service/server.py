@@ -24,6 +24,7 @@ from .api.streams import EventEncoder
 from .config import Settings
 from .ledger import Ledger
 from .ledger.feed import EventFeed, FeedSettings
+from .ledger.holds import HoldExpiry
 from .ledger.sequencer import EventSequencer
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ class LoyaltyServer:
             EventEncoder().events_fields,
         )
         self.sequencer = EventSequencer(database_url)
+        self.hold_expiry = HoldExpiry(database_url)
         self.health = health.aio.HealthServicer()
         self.guard = callers.guard(settings)
         self.server = grpc.aio.server(
@@ -119,6 +121,7 @@ class LoyaltyServer:
             ) from None
         await self.server.start()
         self.sequencer.start()
+        self.hold_expiry.start()
         self.feed.start()
         await self._set_health(SERVING)
         self._tasks = [
@@ -141,6 +144,7 @@ class LoyaltyServer:
         # After the last call: what they wrote gets its positions here, or on the replica
         # that takes over.
         await self.sequencer.close()
+        await self.hold_expiry.close()
         await self.pool.close()
         log.info("stopped")
 

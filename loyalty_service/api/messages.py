@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from ..domain.accounts import Account, AccountStatus
 from ..domain.events import Event
+from ..domain.holds import Hold, HoldStatus
 from ..domain.payments import Payment, PaymentOutcome, PaymentResult, Refund, RefundResult
 from ..domain.points import Direction, OriginKind, PointsTransaction, TransactionType
 from ..domain.programs import EarningRule, Program, ProgramStatus, RuleTrigger
@@ -55,6 +57,10 @@ def program_pb(program: Program) -> programs_pb2.Program:
         update_time=timestamp(program.update_time),
         earning_rules=[rule_pb(rule) for rule in program.earning_rules],
         actor=program.actor,
+        hold_policy=programs_pb2.HoldPolicy(
+            default_ttl=Duration(seconds=program.hold_policy.default_ttl_seconds),
+            max_ttl=Duration(seconds=program.hold_policy.max_ttl_seconds),
+        ),
     )
 
 
@@ -136,6 +142,8 @@ def account_pb(account: Account) -> accounts_pb2.Account:
         merged_into=account.merged_into or "",
         version=account.version,
         actor=account.actor,
+        held_points=account.held_points,
+        available_balance=account.available_balance,
     )
 
 
@@ -169,6 +177,43 @@ def transaction_event_pb(event: Event) -> points_pb2.TransactionEvent:
     return points_pb2.TransactionEvent(**_envelope(event), snapshot=transaction_pb(event.snapshot))
 
 
+HOLD_STATUS_TO_PB = {
+    HoldStatus.HELD: points_pb2.Hold.STATUS_HELD,
+    HoldStatus.CAPTURED: points_pb2.Hold.STATUS_CAPTURED,
+    HoldStatus.RELEASED: points_pb2.Hold.STATUS_RELEASED,
+    HoldStatus.EXPIRED: points_pb2.Hold.STATUS_EXPIRED,
+}
+
+
+def hold_pb(hold: Hold) -> points_pb2.Hold:
+    return points_pb2.Hold(
+        id=hold.id,
+        account=hold.account,
+        original_account=hold.original_account or "",
+        program=hold.program,
+        reference=hold.reference,
+        amount=hold.amount,
+        captured_amount=hold.captured_amount,
+        status=HOLD_STATUS_TO_PB[hold.status],
+        reason=hold.reason,
+        metadata=hold.metadata,
+        create_time=timestamp(hold.create_time),
+        expire_time=timestamp(hold.expire_time),
+        capture_time=timestamp(hold.capture_time) if hold.capture_time else None,
+        release_time=timestamp(hold.release_time) if hold.release_time else None,
+        capture_transaction=hold.capture_transaction or "",
+        account_version=hold.account_version,
+        actor=hold.actor,
+        captured_by=hold.captured_by or "",
+        released_by=hold.released_by or "",
+    )
+
+
+def hold_event_pb(event: Event) -> points_pb2.HoldEvent:
+    assert isinstance(event.snapshot, Hold)
+    return points_pb2.HoldEvent(**_envelope(event), snapshot=hold_pb(event.snapshot))
+
+
 def _envelope(event: Event) -> dict[str, object]:
     """The fields AccountEvent and TransactionEvent share."""
     return {
@@ -184,4 +229,6 @@ def _envelope(event: Event) -> dict[str, object]:
 def event_pb(event: Event) -> events_pb2.Event:
     if isinstance(event.snapshot, Account):
         return events_pb2.Event(account_event=account_event_pb(event))
+    if isinstance(event.snapshot, Hold):
+        return events_pb2.Event(hold_event=hold_event_pb(event))
     return events_pb2.Event(transaction_event=transaction_event_pb(event))

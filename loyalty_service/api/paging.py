@@ -77,6 +77,7 @@ async def page(
     tokens: PageTokens,
     request: accounts_pb2.ListAccountsRequest
     | points_pb2.ListPointsTransactionsRequest
+    | points_pb2.ListHoldsRequest
     | programs_pb2.ListProgramsRequest,
     method: str,
     where: F,

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TypeVar
 
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from .. import domain
@@ -97,6 +98,11 @@ class Violations:
             self.add(field_path, "must be between 0001-01-01 and 9999-12-31 (UTC)")
             return None
         return value.ToDatetime(tzinfo=UTC)
+
+    def ttl(self, field_path: str, value: Duration) -> int:
+        """A time-to-live in whole seconds (domain.programs.ttl_violations)."""
+        self.extend(domain.programs.ttl_violations(field_path, value.seconds, value.nanos))
+        return value.seconds
 
     def request_id(self, value: str) -> str:
         return self.text("request_id", value, domain.ids.MAX_REQUEST_ID_LENGTH)

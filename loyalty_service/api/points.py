@@ -10,6 +10,7 @@ import grpc
 
 from .. import domain
 from ..domain.callers import Scope
+from ..domain.holds import HoldFilter, NewHold
 from ..domain.payments import NewPayment, NewRefund
 from ..domain.points import OriginKind, TransactionType
 from ..ledger import Ledger
@@ -116,6 +117,85 @@ class PointsLedger(points_pb2_grpc.PointsLedgerServicer):
         ):
             yield response
 
+    @translated
+    async def CreateHold(
+        self, request: points_pb2.CreateHoldRequest, context: Context
+    ) -> points_pb2.Hold:
+        return messages.hold_pb(await self.ledger.create_hold(callers.current(), new_hold(request)))
+
+    @translated
+    async def CaptureHold(
+        self, request: points_pb2.CaptureHoldRequest, context: Context
+    ) -> points_pb2.Hold:
+        v = Violations()
+        hold_id = v.id("id", request.id, domain.ids.HOLD_ID)
+        amount = v.amount("amount", request.amount) if request.HasField("amount") else None
+        v.request_id(request.request_id)
+        v.raise_if_any()
+        hold = await self.ledger.capture_hold(
+            callers.current(), hold_id, amount, request.request_id
+        )
+        return messages.hold_pb(hold)
+
+    @translated
+    async def ReleaseHold(
+        self, request: points_pb2.ReleaseHoldRequest, context: Context
+    ) -> points_pb2.Hold:
+        v = Violations()
+        hold_id = v.id("id", request.id, domain.ids.HOLD_ID)
+        v.request_id(request.request_id)
+        v.raise_if_any()
+        hold = await self.ledger.release_hold(callers.current(), hold_id, request.request_id)
+        return messages.hold_pb(hold)
+
+    @translated
+    async def GetHold(
+        self, request: points_pb2.GetHoldRequest, context: Context
+    ) -> points_pb2.Hold:
+        hold_id = parsing.single_id("id", request.id, domain.ids.HOLD_ID)
+        return messages.hold_pb(await self.ledger.get_hold(callers.current(), hold_id))
+
+    @translated
+    async def ListHolds(
+        self, request: points_pb2.ListHoldsRequest, context: Context
+    ) -> points_pb2.ListHoldsResponse:
+        v = Violations()
+        account = v.id("account", request.account, domain.ids.ACCOUNT_ID, required=False)
+        v.raise_if_any()
+        items, next_page_token = await paging.page(
+            self.tokens,
+            request,
+            "ListHolds",
+            HoldFilter(account=account or None),
+            functools.partial(self.ledger.list_holds, callers.current()),
+            messages.hold_pb,
+        )
+        return points_pb2.ListHoldsResponse(holds=items, next_page_token=next_page_token)
+
+    @translated_stream
+    async def SubscribeHoldEvents(
+        self, request: points_pb2.SubscribeHoldEventsRequest, context: Context
+    ) -> AsyncIterator[bytes]:
+        # Responses go out as bytes: SubscribeHoldEventsResponse.
+        async for response in streams.subscribe(
+            self.feed, self.ledger, callers.current(), request, domain.events.HOLD_EVENT_TYPES
+        ):
+            yield response
+
+
+def new_hold(request: points_pb2.CreateHoldRequest) -> NewHold:
+    v = Violations()
+    account = v.id("account", request.account, domain.ids.ACCOUNT_ID)
+    amount = v.amount("amount", request.amount)
+    if not request.reference:
+        v.add("reference", "is required")
+    reference = v.text("reference", request.reference, domain.holds.MAX_REFERENCE_LENGTH)
+    reason = v.text("reason", request.reason, domain.points.MAX_REASON_LENGTH)
+    metadata = v.metadata("metadata", request.metadata)
+    ttl_seconds = v.ttl("ttl", request.ttl) if request.HasField("ttl") else None
+    v.raise_if_any()
+    return NewHold(account, amount, reference, reason, metadata, ttl_seconds)
+
 
 def new_transaction(
     request: points_pb2.CreatePointsTransactionRequest,
@@ -139,6 +219,9 @@ def new_transaction(
     if origin_kind in _RESERVED_ORIGINS:
         v.add("origin.kind", f"{origin_kind} is reserved for the service")
     origin_id = v.text("origin.id", request.origin.id, domain.points.MAX_ORIGIN_ID_LENGTH)
+    if origin_kind is OriginKind.REDEMPTION and domain.ids.HOLD_ID.match(origin_id):
+        # A capture's REDEEM is the only one of its hold (loyalty-service check).
+        v.add("origin.id", "hold ids are reserved for CaptureHold's redemptions")
     metadata = v.metadata("metadata", request.metadata)
     v.request_id(request.request_id)
     v.raise_if_any()

@@ -11,6 +11,7 @@ import grpc
 from .. import domain
 from ..domain.programs import (
     EarningRule,
+    HoldPolicy,
     NewProgram,
     ProgramChanges,
     ProgramStatus,
@@ -30,7 +31,9 @@ Context = grpc.aio.ServicerContext
 _PROGRAM_STATUS_FROM_PB = {v: k for k, v in messages.PROGRAM_STATUS_TO_PB.items()}
 _TRIGGER_FROM_PB = {v: k for k, v in messages.TRIGGER_TO_PB.items()}
 # The fields UpdateProgram may change (AIP-134 paths).
-PROGRAM_PATHS = ("name", "currency", "auto_enroll", "tiers", "earning_rules", "status")
+PROGRAM_PATHS = (
+    "name", "currency", "auto_enroll", "tiers", "earning_rules", "status", "hold_policy",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,7 @@ def new_program(request: programs_pb2.CreateProgramRequest) -> tuple[str | None,
     # Rule ids are output only here: the program's rules are all new.
     rules = [replace(r, id="") for r in _rules(v, "program.earning_rules", program.earning_rules)]
     v.extend(domain.programs.rule_violations("program.earning_rules", rules, tiers))
+    hold_policy = _hold_policy(v, program) if program.HasField("hold_policy") else HoldPolicy()
     v.request_id(request.request_id)
     v.raise_if_any()
     new = NewProgram(
@@ -163,6 +167,7 @@ def new_program(request: programs_pb2.CreateProgramRequest) -> tuple[str | None,
         tiers=tiers,
         status=status or ProgramStatus.ACTIVE,
         earning_rules=rules,
+        hold_policy=hold_policy,
     )
     return program_id or None, new
 
@@ -183,6 +188,7 @@ def program_changes(request: programs_pb2.UpdateProgramRequest) -> tuple[str, Pr
             "tiers": bool(program.tiers),
             "earning_rules": bool(program.earning_rules),
             "status": program.status != 0,
+            "hold_policy": program.HasField("hold_policy"),
         }
         paths = {path for path, is_set in set_fields.items() if is_set}
     changes = ProgramChanges(
@@ -196,12 +202,28 @@ def program_changes(request: programs_pb2.UpdateProgramRequest) -> tuple[str, Pr
         status=v.enum("program.status", program.status, _PROGRAM_STATUS_FROM_PB, required=True)
         if "status" in paths
         else None,
+        hold_policy=_hold_policy(v, program) if "hold_policy" in paths else None,
     )
     v.request_id(request.request_id)
     if not paths:
         v.add("update_mask", "names nothing to update")
     v.raise_if_any()
     return program_id, changes
+
+
+def _hold_policy(v: Violations, program: programs_pb2.Program) -> HoldPolicy:
+    """The program's hold policy; a TTL left unset takes its default."""
+    given, defaults = program.hold_policy, HoldPolicy()
+    policy = HoldPolicy(
+        v.ttl("program.hold_policy.default_ttl", given.default_ttl)
+        if given.HasField("default_ttl")
+        else defaults.default_ttl_seconds,
+        v.ttl("program.hold_policy.max_ttl", given.max_ttl)
+        if given.HasField("max_ttl")
+        else defaults.max_ttl_seconds,
+    )
+    v.extend(domain.programs.hold_policy_violations("program.hold_policy", policy))
+    return policy
 
 
 def rule_version(request: programs_pb2.GetEarningRuleRequest) -> tuple[str, int | None]:

@@ -28,6 +28,13 @@ SCOPES: dict[str, Scope] = {
     f"/{_POINTS}/RecordPayment": Scope.PAYMENTS_WRITE,
     f"/{_POINTS}/RecordRefund": Scope.PAYMENTS_WRITE,
     f"/{_POINTS}/SubscribeTransactionEvents": Scope.EVENTS_READ,
+    # Holds are checkout's redemptions: what REDEEM needs.
+    f"/{_POINTS}/CreateHold": Scope.POINTS_WRITE,
+    f"/{_POINTS}/CaptureHold": Scope.POINTS_WRITE,
+    f"/{_POINTS}/ReleaseHold": Scope.POINTS_WRITE,
+    f"/{_POINTS}/GetHold": Scope.POINTS_READ,
+    f"/{_POINTS}/ListHolds": Scope.POINTS_READ,
+    f"/{_POINTS}/SubscribeHoldEvents": Scope.EVENTS_READ,
     f"/{_PROGRAMS}/CreateProgram": Scope.PROGRAMS_ADMIN,
     f"/{_PROGRAMS}/GetProgram": Scope.PROGRAMS_READ,
     f"/{_PROGRAMS}/GetEarningRule": Scope.PROGRAMS_READ,

@@ -9,10 +9,11 @@ from .. import domain
 from ..domain.accounts import Account
 from ..domain.callers import Caller
 from ..domain.events import Event
+from ..domain.holds import Hold
 from ..ledger import Ledger
 from ..ledger.feed import EventFeed
 from ..pb import accounts_pb2, points_pb2
-from .messages import account_event_pb, transaction_event_pb
+from .messages import account_event_pb, hold_event_pb, transaction_event_pb
 from .parsing import Violations, event_filter
 
 
@@ -21,7 +22,8 @@ async def subscribe(
     ledger: Ledger,
     caller: Caller,
     request: accounts_pb2.SubscribeAccountEventsRequest
-    | points_pb2.SubscribeTransactionEventsRequest,
+    | points_pb2.SubscribeTransactionEventsRequest
+    | points_pb2.SubscribeHoldEventsRequest,
     types: frozenset[domain.events.EventType],
 ) -> AsyncIterator[bytes]:
     """A subscription's responses, as bytes, for either kind of event."""
@@ -47,7 +49,8 @@ async def subscribe(
 class EventEncoder:
     """Events as the `events` field of a stream response, encoded once each.
 
-    SubscribeAccountEventsResponse and SubscribeTransactionEventsResponse are both
+    SubscribeAccountEventsResponse, SubscribeTransactionEventsResponse and
+    SubscribeHoldEventsResponse are all
     `repeated <event> events = 1; int64 position = 2;`, so a response is the concatenation
     of its events' encoded fields and of its position's (stream_response). An event goes to
     every subscriber that wants it: encoding it once makes each further subscriber's share a
@@ -71,6 +74,8 @@ class EventEncoder:
         if encoded is None:
             if isinstance(event.snapshot, Account):
                 payload = account_event_pb(event).SerializeToString()
+            elif isinstance(event.snapshot, Hold):
+                payload = hold_event_pb(event).SerializeToString()
             else:
                 payload = transaction_event_pb(event).SerializeToString()
             encoded = b"\x0a" + _varint(len(payload)) + payload  # field 1, length-delimited

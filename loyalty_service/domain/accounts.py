@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass, replace
 from datetime import datetime
 
-from .errors import AccountNotActive, ProgramMismatch
+from .errors import AccountNotActive, InsufficientPoints, ProgramMismatch
 from .programs import Tier, tier_for
 
 MAX_CUSTOMER_LENGTH = 255
@@ -36,6 +36,14 @@ class Account:
     version: int = 1
     # The identity of the caller that made the latest change (the version's), posting or not.
     actor: str = ""
+    # The points of its HELD holds that have not expired (as of the read, or of the change
+    # for a snapshot): reserved, not spendable.
+    held_points: int = 0
+
+    @property
+    def available_balance(self) -> int:
+        """What a debit that checks for overdraft, or a new hold, may take."""
+        return self.balance - self.held_points
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,19 @@ def not_active(account: Account) -> AccountNotActive:
         f"account {account.id} is {account.status}, not ACTIVE",
         account=account.id,
         status=account.status,
+    )
+
+
+def insufficient_points(account: Account, requested: int) -> InsufficientPoints:
+    """Fewer points available (balance less what is held) than a debit or a hold asks for."""
+    return InsufficientPoints(
+        f"{account.available_balance} points are available"
+        f" ({account.balance} less {account.held_points} held),"
+        f" fewer than the {requested} requested",
+        available=account.available_balance,
+        held=account.held_points,
+        balance=account.balance,
+        requested=requested,
     )
 
 
@@ -93,6 +114,8 @@ def merged_target(
         now,
         actor,
         balance=target.balance + source.balance,
+        # The source's HELD holds move with it: a checkout in flight still captures.
+        held_points=target.held_points + source.held_points,
         lifetime_points=lifetime_points,
         tier=tier_for(target.lifetime_points, lifetime_points, tiers, target.tier)
         if source.lifetime_points
@@ -109,6 +132,7 @@ def merged_source(source: Account, target: Account, now: datetime, actor: str) -
         merged_into=target.id,
         balance=0,
         lifetime_points=0,
+        held_points=0,
     )
 
 

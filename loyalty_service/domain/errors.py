@@ -54,6 +54,10 @@ class PaymentIdReused(RequestIdReused, reason="PAYMENT_ID_REUSED"): ...
 class RefundIdReused(RequestIdReused, reason="REFUND_ID_REUSED"): ...
 
 
+class HoldReferenceReused(RequestIdReused, reason="HOLD_REFERENCE_REUSED"):
+    """A hold's reference sent again with other fields than its first request's."""
+
+
 class NotFound(LedgerError): ...
 
 
@@ -70,6 +74,9 @@ class EarningRuleNotFound(NotFound, reason="EARNING_RULE_NOT_FOUND"): ...
 
 
 class PaymentNotFound(NotFound, reason="PAYMENT_NOT_FOUND"): ...
+
+
+class HoldNotFound(NotFound, reason="HOLD_NOT_FOUND"): ...
 
 
 class AccountAlreadyExists(LedgerError, reason="ACCOUNT_ALREADY_EXISTS"): ...
@@ -119,6 +126,17 @@ class PointsLimitExceeded(FailedPrecondition, reason="POINTS_LIMIT_EXCEEDED"):
 
 
 class RefundExceedsPayment(FailedPrecondition, reason="REFUND_EXCEEDS_PAYMENT"): ...
+
+
+class HoldNotActive(FailedPrecondition, reason="HOLD_NOT_ACTIVE"):
+    """A capture or release of a hold that is no longer HELD (captured, released, expired)."""
+
+
+class CaptureExceedsHold(FailedPrecondition, reason="CAPTURE_EXCEEDS_HOLD"): ...
+
+
+class AccountHasActiveHolds(FailedPrecondition, reason="ACCOUNT_HAS_ACTIVE_HOLDS"):
+    """An account with HELD holds cannot be closed: release them, or let them expire."""
 
 
 class OutOfRange(LedgerError): ...

@@ -8,6 +8,7 @@ from datetime import datetime
 
 from .accounts import Account
 from .errors import EventPositionAhead, EventPositionExpired
+from .holds import Hold
 from .ids import new_id
 from .points import PointsTransaction
 
@@ -20,12 +21,19 @@ class EventType(enum.StrEnum):
     ACCOUNT_MERGED = "loyalty.account.merged"
     ACCOUNT_TIER_CHANGED = "loyalty.account.tier_changed"
     TRANSACTION_CREATED = "points_transaction.created"
+    HOLD_CREATED = "points_hold.created"
+    HOLD_CAPTURED = "points_hold.captured"
+    HOLD_RELEASED = "points_hold.released"
+    HOLD_EXPIRED = "points_hold.expired"
 
 
 ACCOUNT_EVENT_TYPES = frozenset(t for t in EventType if t.startswith("loyalty.account."))
 
 
 TRANSACTION_EVENT_TYPES = frozenset({EventType.TRANSACTION_CREATED})
+
+
+HOLD_EVENT_TYPES = frozenset(t for t in EventType if t.startswith("points_hold."))
 
 
 @dataclass(frozen=True)
@@ -35,8 +43,9 @@ class Event:
     create_time: datetime
     program: str
     account: str
-    # The resource as of the change: an Account (account events) or a PointsTransaction.
-    snapshot: Account | PointsTransaction
+    # The resource as of the change: an Account (account events), a PointsTransaction or a
+    # Hold.
+    snapshot: Account | PointsTransaction | Hold
     # 1, 2, 3, ... in commit order; 0 until the event is written.
     position: int = 0
 

@@ -45,6 +45,9 @@ TRANSACTION_ID = re.compile(r"^ptx_[A-Za-z0-9]{20}$")
 PROGRAM_ID = re.compile(r"^prog_[A-Za-z0-9_]{1,60}$")
 
 
+HOLD_ID = re.compile(r"^hold_[A-Za-z0-9]{20}$")
+
+
 def new_id(prefix: str) -> str:
     """`prefix` and 20 random letters and digits (about 119 bits)."""
     number = int.from_bytes(secrets.token_bytes(16))

@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
-from .accounts import Account, not_active
+from .accounts import Account, insufficient_points, not_active
 from .errors import (
     AccountNotActive,
     AccountNotFound,
@@ -127,11 +127,7 @@ def refusal(reason: str, account_id: str, account: Account | None, change_: Chan
             limit=change_.max_balance,
         )
     if reason == InsufficientPoints.reason:
-        return InsufficientPoints(
-            f"balance {account.balance} is less than the {-change_.delta} points requested",
-            balance=account.balance,
-            requested=-change_.delta,
-        )
+        return insufficient_points(account, -change_.delta)
     raise AssertionError(f"the kernel refused a posting for an unknown reason: {reason}")
 
 

@@ -68,6 +68,35 @@ class EarningRule:
 
 
 @dataclass(frozen=True)
+class HoldPolicy:
+    """How long a program's holds last: the time-to-live a request that names none gets,
+    and the longest a request may ask for (card authorisations last days)."""
+
+    default_ttl_seconds: int = 15 * 60
+    max_ttl_seconds: int = 7 * 24 * 3600
+
+
+# The longest hold time-to-live any program may allow.
+HOLD_TTL_CEILING_SECONDS = 366 * 24 * 3600
+
+
+def ttl_violations(field_path: str, seconds: int, nanos: int = 0) -> list[FieldViolation]:
+    """A time-to-live is whole seconds, at least one, at most HOLD_TTL_CEILING_SECONDS."""
+    if nanos or not 1 <= seconds <= HOLD_TTL_CEILING_SECONDS:
+        ceiling = HOLD_TTL_CEILING_SECONDS
+        return [FieldViolation(field_path, f"must be whole seconds, from 1 to {ceiling}")]
+    return []
+
+
+def hold_policy_violations(field_path: str, policy: HoldPolicy) -> list[FieldViolation]:
+    """Beyond each time-to-live's own bounds (ttl_violations): the default within the
+    maximum."""
+    if policy.default_ttl_seconds > policy.max_ttl_seconds:
+        return [FieldViolation(f"{field_path}.default_ttl", "must not exceed max_ttl")]
+    return []
+
+
+@dataclass(frozen=True)
 class Program:
     id: str
     name: str
@@ -80,6 +109,7 @@ class Program:
     earning_rules: list[EarningRule] = field(default_factory=list)
     # The identity of the caller that made the latest change.
     actor: str = ""
+    hold_policy: HoldPolicy = field(default_factory=HoldPolicy)
 
 
 def tier_violations(field_path: str, tiers: list[Tier]) -> list[FieldViolation]:
@@ -172,6 +202,7 @@ class NewProgram:
     tiers: list[Tier] = field(default_factory=list)
     status: ProgramStatus = ProgramStatus.ACTIVE
     earning_rules: list[EarningRule] = field(default_factory=list)
+    hold_policy: HoldPolicy = field(default_factory=HoldPolicy)
 
 
 @dataclass(frozen=True)
@@ -184,6 +215,7 @@ class ProgramChanges:
     tiers: list[Tier] | None = None
     status: ProgramStatus | None = None
     earning_rules: list[EarningRule] | None = None
+    hold_policy: HoldPolicy | None = None
 
 
 MAX_RULES = 20

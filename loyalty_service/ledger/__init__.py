@@ -9,6 +9,7 @@ from psycopg_pool import AsyncConnectionPool
 from .accounts import AccountUseCases
 from .batches import Batches
 from .events import EventUseCases
+from .holds import HoldUseCases
 from .payments import PaymentUseCases
 from .points import PointsUseCases
 from .postings import posting_keys
@@ -16,7 +17,14 @@ from .programs import ProgramUseCases
 from .requests import Clock, system_clock
 
 
-class Ledger(ProgramUseCases, AccountUseCases, PointsUseCases, PaymentUseCases, EventUseCases):
+class Ledger(
+    ProgramUseCases,
+    AccountUseCases,
+    PointsUseCases,
+    PaymentUseCases,
+    HoldUseCases,
+    EventUseCases,
+):
     """Every use case, on one pool and one clock."""
 
     def __init__(self, pool: AsyncConnectionPool, clock: Clock = system_clock) -> None:

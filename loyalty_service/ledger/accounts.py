@@ -8,7 +8,12 @@ from datetime import datetime
 from .. import domain, store
 from ..domain.accounts import Account, AccountFilter, AccountStatus, MergeResult
 from ..domain.callers import Caller
-from ..domain.errors import AccountNotClosed, FieldViolation, InvalidArgument
+from ..domain.errors import (
+    AccountHasActiveHolds,
+    AccountNotClosed,
+    FieldViolation,
+    InvalidArgument,
+)
 from ..domain.events import Event, EventType, account_event
 from ..domain.ids import Page
 from ..domain.points import OriginKind, PointsTransaction
@@ -54,7 +59,9 @@ class AccountUseCases(UseCases):
         return await self.run(caller, "CreateAccount", request_id, params, Account, work)
 
     async def get_account(self, caller: Caller, account_id: str) -> Account:
-        account = await self.found(store.accounts.get_account, account_id, account_not_found)
+        account = await self.call(store.accounts.get_account, account_id, self.clock())
+        if account is None:
+            raise account_not_found(account_id)
         return self.visible(caller, account)
 
     async def list_accounts(
@@ -63,7 +70,7 @@ class AccountUseCases(UseCases):
         if where.program is not None and not caller.sees(where.program):
             return Page([], None, [])  # as for a program that does not exist
         where = replace(where, programs=caller.programs)
-        return await self.call(store.accounts.list_accounts, where, after, limit)
+        return await self.call(store.accounts.list_accounts, where, after, limit, self.clock())
 
     async def update_account(
         self, caller: Caller, account_id: str, changes: AccountChanges, request_id: str = ""
@@ -101,6 +108,12 @@ class AccountUseCases(UseCases):
         async def work(conn: Conn) -> Account:
             account = await self._lock_account(conn, caller, account_id)
             domain.accounts.require_active(account)
+            if account.held_points:  # read as of now: holds whose time is up hold nothing
+                raise AccountHasActiveHolds(
+                    f"account {account_id} holds {account.held_points} points in HELD holds",
+                    account=account_id,
+                    held=account.held_points,
+                )
             closed = domain.accounts.revised(
                 account, self.clock(), caller.identity, status=AccountStatus.CLOSED
             )
@@ -142,15 +155,18 @@ class AccountUseCases(UseCases):
 
         async def work(conn: Conn) -> MergeResult:
             # Both rows, locked in id order: merges A->B and B->A cannot deadlock.
-            locked = await store.accounts.lock_accounts(conn, [source_id, target_id])
+            now = self.clock()
+            locked = await store.accounts.lock_accounts(conn, [source_id, target_id], now)
             for account_id in (source_id, target_id):
                 if account_id not in locked or not caller.sees(locked[account_id].program):
                     raise account_not_found(account_id)
             source, target = locked[source_id], locked[target_id]
             domain.accounts.check_merge(source, target)
-            now = self.clock()
             after_seq = await store.accounts.last_transaction_seq(conn, [source_id, target_id])
             await store.accounts.reparent_transactions(conn, source_id, target_id)
+            # Holds in flight go with the points (expired ones too: the job records their
+            # expiry where they are then), so that checkout's captures still land.
+            await store.holds.move_holds(conn, source_id, target_id)
             await store.accounts.record_merge(
                 conn, source, target_id, after_seq, now, caller.identity
             )

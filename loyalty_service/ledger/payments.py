@@ -145,7 +145,7 @@ async def _settle(
 
     if new.customer is None:
         return result(PaymentOutcome.GUEST), []
-    account = await _member(conn, program.id, new.customer)
+    account = await _member(conn, program.id, new.customer, now)
     if isinstance(account, PaymentOutcome):
         return result(account), []
     enrollment = None
@@ -180,11 +180,13 @@ async def _settle(
     )
 
 
-async def _member(conn: Conn, program: str, customer: str) -> Account | PaymentOutcome | None:
+async def _member(
+    conn: Conn, program: str, customer: str, now: datetime
+) -> Account | PaymentOutcome | None:
     """The account a customer's payment credits, locked: their ACTIVE account, or the ACTIVE
     account one of theirs was merged into (so a merge does not make them a new member, with
     a second welcome bonus). ACCOUNT_CLOSED if theirs is CLOSED; None if they have none."""
-    account = await store.accounts.lock_active_account(conn, program, customer)
+    account = await store.accounts.lock_active_account(conn, program, customer, now)
     if account is not None:
         return account
     # A statement of its own, after the lock: had a merge or close of that account held the
@@ -195,7 +197,7 @@ async def _member(conn: Conn, program: str, customer: str) -> Account | PaymentO
     account_id, status = former
     if status is not AccountStatus.ACTIVE:
         return PaymentOutcome.ACCOUNT_CLOSED
-    account = await store.accounts.lock_account(conn, account_id)
+    account = await store.accounts.lock_account(conn, account_id, now)
     if account is None or account.status is not AccountStatus.ACTIVE:
         raise Moved  # merged or closed between the read and the lock: start again
     return account
@@ -214,7 +216,7 @@ async def _reverse_for_refund(
     seen = await store.postings.get_transaction(conn, payment.earn_ids[0])
     assert seen is not None  # transactions are never deleted
     # Lock order: account, then its transactions, as in merges and ReversePointsTransaction.
-    account = await store.accounts.lock_account(conn, seen.account)
+    account = await store.accounts.lock_account(conn, seen.account, now)
     assert account is not None
     earns = await store.postings.lock_transactions(conn, payment.earn_ids)
     if any(earn.account != account.id for earn in earns):

@@ -41,6 +41,7 @@ class ProgramUseCases(UseCases):
                 update_time=now,
                 earning_rules=domain.programs.versioned_rules(_RULES_PATH, [], new.earning_rules),
                 actor=caller.identity,
+                hold_policy=new.hold_policy,
             )
             if not await store.programs.insert_program(conn, program):
                 raise ProgramAlreadyExists(f"program {new_id} already exists", program=new_id)
@@ -108,6 +109,9 @@ class ProgramUseCases(UseCases):
                 update_time=self.clock(),
                 earning_rules=rules,
                 actor=caller.identity,
+                hold_policy=program.hold_policy
+                if changes.hold_policy is None
+                else changes.hold_policy,
             )
             await store.programs.save_program(conn, updated)
             await store.programs.save_rule_versions(conn, updated)

@@ -106,7 +106,9 @@ class UseCases:
 
     async def require_account(self, caller: Caller, account_id: str) -> None:
         """Raises ACCOUNT_NOT_FOUND unless the account exists for the caller."""
-        account = await self.found(store.accounts.get_account, account_id, account_not_found)
+        account = await self.call(store.accounts.get_account, account_id, self.clock())
+        if account is None:
+            raise account_not_found(account_id)
         self.visible(caller, account)
 
     @staticmethod
@@ -116,12 +118,11 @@ class UseCases:
             raise account_not_found(account.id)
         return account
 
-    @classmethod
-    async def _lock_account(cls, conn: Conn, caller: Caller, account_id: str) -> Account:
-        account = await store.accounts.lock_account(conn, account_id)
+    async def _lock_account(self, conn: Conn, caller: Caller, account_id: str) -> Account:
+        account = await store.accounts.lock_account(conn, account_id, self.clock())
         if account is None:
             raise account_not_found(account_id)
-        return cls.visible(caller, account)
+        return self.visible(caller, account)
 
     async def _save_account(self, conn: Conn, account: Account) -> None:
         try:

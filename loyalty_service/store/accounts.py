@@ -13,7 +13,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from ..db import account_merges, accounts, points_transactions
 from ..domain.accounts import Account, AccountFilter, AccountStatus
 from ..domain.ids import Page
-from .rows import ACCOUNT_COLUMNS, account_of, account_params
+from .rows import ACCOUNT_COLUMNS, ACCOUNT_COLUMNS_AT, account_of, account_params
 from .sql import Conn, bind, compiled, const, filtered_page, one
 
 ACTIVE_CUSTOMER_INDEX = "uq_accounts_active_customer"
@@ -26,9 +26,14 @@ class ActiveCustomerTaken(Exception):
 _ACCOUNT_ID = sa.bindparam("id", type_=sa.Text)
 
 
+# What an account's writes set: not its held points, which only the hold functions and the
+# kernel change (migration 0011).
+_WRITTEN_COLUMNS = [c for c in ACCOUNT_COLUMNS if c.name != "held_points"]
+
+
 INSERT_ACCOUNT = compiled(
     pg_insert(accounts)
-    .values({c.name: bind(c) for c in ACCOUNT_COLUMNS})
+    .values({c.name: bind(c) for c in _WRITTEN_COLUMNS})
     .on_conflict_do_nothing(
         index_elements=["program_id", "customer"],
         # A literal predicate: partial-index inference cannot match a bound parameter.
@@ -49,7 +54,7 @@ _ACTIVE_OF_CUSTOMER = (
 _FIND_ACTIVE_ACCOUNT = compiled(sa.select(accounts.c.id).where(*_ACTIVE_OF_CUSTOMER))
 
 
-_SELECT_ACCOUNT = sa.select(*ACCOUNT_COLUMNS).where(accounts.c.id == _ACCOUNT_ID)
+_SELECT_ACCOUNT = sa.select(*ACCOUNT_COLUMNS_AT).where(accounts.c.id == _ACCOUNT_ID)
 
 
 _GET_ACCOUNT = compiled(_SELECT_ACCOUNT)
@@ -59,7 +64,7 @@ _LOCK_ACCOUNT = compiled(_SELECT_ACCOUNT.with_for_update())
 
 
 _LOCK_ACCOUNTS = compiled(
-    sa.select(*ACCOUNT_COLUMNS)
+    sa.select(*ACCOUNT_COLUMNS_AT)
     .where(accounts.c.id == sa.any_(sa.bindparam("ids", type_=postgresql.ARRAY(sa.Text))))
     .order_by(accounts.c.id)
     .with_for_update()
@@ -72,7 +77,7 @@ _SAVE_ACCOUNT = compiled(
     .values(
         {
             c.name: bind(c)
-            for c in ACCOUNT_COLUMNS
+            for c in _WRITTEN_COLUMNS
             if c.name not in ("id", "program_id", "create_time")
         }
     )
@@ -80,7 +85,7 @@ _SAVE_ACCOUNT = compiled(
 
 
 LOCK_ACTIVE_ACCOUNT = compiled(
-    sa.select(*ACCOUNT_COLUMNS).where(*_ACTIVE_OF_CUSTOMER).with_for_update()
+    sa.select(*ACCOUNT_COLUMNS_AT).where(*_ACTIVE_OF_CUSTOMER).with_for_update()
 )
 
 
@@ -104,9 +109,12 @@ FORMER_ACCOUNT = compiled(
 )
 
 
-async def lock_active_account(conn: Conn, program: str, customer: str) -> Account | None:
+async def lock_active_account(
+    conn: Conn, program: str, customer: str, now: datetime
+) -> Account | None:
     """The customer's ACTIVE account in the program, locked (FOR UPDATE), if there is one."""
-    row = await one(conn, LOCK_ACTIVE_ACCOUNT, {"program_id": program, "customer": customer})
+    params = {"program_id": program, "customer": customer, "now": now}
+    row = await one(conn, LOCK_ACTIVE_ACCOUNT, params)
     return account_of(row) if row else None
 
 
@@ -133,20 +141,26 @@ async def find_active_account(conn: Conn, program: str, customer: str) -> str | 
     return row.id if row else None
 
 
-async def get_account(conn: Conn, account_id: str) -> Account | None:
-    row = await one(conn, _GET_ACCOUNT, {"id": account_id})
+# Accounts are read as of `now` (ACCOUNT_COLUMNS_AT): what they hold then.
+
+
+async def get_account(conn: Conn, account_id: str, now: datetime) -> Account | None:
+    row = await one(conn, _GET_ACCOUNT, {"id": account_id, "now": now})
     return account_of(row) if row else None
 
 
-async def lock_account(conn: Conn, account_id: str) -> Account | None:
-    row = await one(conn, _LOCK_ACCOUNT, {"id": account_id})
+async def lock_account(conn: Conn, account_id: str, now: datetime) -> Account | None:
+    row = await one(conn, _LOCK_ACCOUNT, {"id": account_id, "now": now})
     return account_of(row) if row else None
 
 
-async def lock_accounts(conn: Conn, account_ids: Iterable[str]) -> dict[str, Account]:
+async def lock_accounts(
+    conn: Conn, account_ids: Iterable[str], now: datetime
+) -> dict[str, Account]:
     """Locks the accounts' rows, always in id order, so two transactions that lock the same
     accounts can never wait on each other in a cycle."""
-    cursor = await conn.execute(_LOCK_ACCOUNTS, {"ids": sorted(set(account_ids))})
+    params = {"ids": sorted(set(account_ids)), "now": now}
+    cursor = await conn.execute(_LOCK_ACCOUNTS, params)
     return {row.id: account_of(row) for row in await cursor.fetchall()}
 
 
@@ -168,14 +182,16 @@ async def save_account(conn: Conn, account: Account) -> None:
 
 
 async def list_accounts(
-    conn: Conn, where: AccountFilter, after: int | None, limit: int
+    conn: Conn, where: AccountFilter, after: int | None, limit: int, now: datetime
 ) -> Page[Account]:
     filters = {
         "program_id": where.program or where.programs,
         "customer": where.customer,
         "status": where.status.value if where.status else None,
     }
-    return await filtered_page(conn, accounts, ACCOUNT_COLUMNS, filters, after, limit, account_of)
+    columns = ACCOUNT_COLUMNS_AT
+    params = {"now": now}
+    return await filtered_page(conn, accounts, columns, filters, after, limit, account_of, params)
 
 
 _LAST_TRANSACTION_SEQ = compiled(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from datetime import datetime
 
 import sqlalchemy as sa
 
@@ -140,6 +141,35 @@ _CHAIN_ENTRIES = compiled(
 _ACCOUNT_BALANCES = compiled(sa.select(accounts.c.id, accounts.c.status, accounts.c.balance))
 
 
+# Accounts whose held_points disagree with the sum of their HELD holds.
+_HELD_VIOLATIONS = compiled(
+    sa.text("""
+    SELECT a.id, a.held_points, coalesce(h.held, 0) AS held
+    FROM accounts AS a LEFT JOIN (
+        SELECT account_id, sum(amount) AS held FROM points_holds
+        WHERE status = 'HELD' GROUP BY account_id) AS h ON h.account_id = a.id
+    WHERE a.held_points <> coalesce(h.held, 0)
+    """)
+)
+
+
+# CAPTURED holds without exactly one REDEEM of their captured amount: the one they name, of
+# origin REDEMPTION with their id, and no other such (captures reserve hold ids there).
+_CAPTURE_VIOLATIONS = compiled(
+    sa.text("""
+    SELECT h.id, h.captured_amount, count(t.id) AS redeems,
+        coalesce(sum(t.amount) FILTER (WHERE t.id = h.capture_transaction_id), 0) AS redeemed
+    FROM points_holds AS h LEFT JOIN points_transactions AS t
+        ON t.type = 'REDEEM' AND t.origin_kind = 'REDEMPTION' AND t.origin_id = h.id
+    WHERE h.status = 'CAPTURED'
+    GROUP BY h.id, h.captured_amount, h.capture_transaction_id
+    HAVING count(t.id) <> 1
+        OR coalesce(sum(t.amount) FILTER (WHERE t.id = h.capture_transaction_id), 0)
+           <> h.captured_amount
+    """)
+)
+
+
 async def _all(conn: Conn, sql: str) -> list[Row]:
     cursor = await conn.execute(sql)
     return await cursor.fetchall()
@@ -175,7 +205,34 @@ _VIOLATIONS: list[tuple[str, Callable[[Row], str]]] = [
         _MERGED_ACCOUNT_VIOLATIONS,
         lambda r: f"merged account {r.id} still holds {r.balance} / {r.lifetime_points}",
     ),
+    (
+        _HELD_VIOLATIONS,
+        lambda r: f"account {r.id}: held_points {r.held_points}, its HELD holds hold {r.held}",
+    ),
+    (
+        _CAPTURE_VIOLATIONS,
+        lambda r: (
+            f"hold {r.id}: captured {r.captured_amount}, with {r.redeems} REDEEMs of it"
+            f" (its own of {r.redeemed})"
+        ),
+    ),
 ]
+
+
+# HELD holds whose time was up before `before`: a job that has run since would have recorded
+# their expiry.
+_UNRECORDED_EXPIRIES = compiled(
+    sa.text("""
+    SELECT id, expire_time FROM points_holds
+    WHERE status = 'HELD' AND expire_time < :before
+    ORDER BY expire_time
+    """)
+)
+
+
+async def unrecorded_expiries(conn: Conn, before: datetime) -> list[Row]:
+    cursor = await conn.execute(_UNRECORDED_EXPIRIES, {"before": before})
+    return await cursor.fetchall()
 
 
 async def violations(conn: Conn) -> list[str]:

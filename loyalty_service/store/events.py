@@ -12,7 +12,8 @@ from psycopg.types.json import Jsonb
 from ..db import event_log_head, events
 from ..domain.accounts import Account
 from ..domain.codec import from_json, to_json
-from ..domain.events import Event, EventFilter, EventType
+from ..domain.events import HOLD_EVENT_TYPES, Event, EventFilter, EventType
+from ..domain.holds import Hold
 from ..domain.points import PointsTransaction, as_posted
 from .rows import TRANSACTION_COLUMNS, transaction_of
 from .sql import Conn, Row, compiled, one
@@ -187,9 +188,11 @@ async def events_page(
 
 
 def _event(row: Row) -> Event:
-    snapshot: Account | PointsTransaction
+    snapshot: Account | PointsTransaction | Hold
     if row.snapshot is None:
         snapshot = as_posted(transaction_of(row))
+    elif row.event_type in HOLD_EVENT_TYPES:
+        snapshot = from_json(Hold, row.snapshot)
     else:
         snapshot = from_json(Account, row.snapshot)
     return Event(

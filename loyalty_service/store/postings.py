@@ -100,7 +100,7 @@ class NotTaken(Exception):
         )
 
 
-def _posting_row(idx: int, posting: NewPosting) -> dict[str, object]:
+def posting_row(idx: int, posting: NewPosting) -> dict[str, object]:
     ptx, change = posting.ptx, posting.change
     key, fingerprint = posting.request or (None, None)
     return {
@@ -149,7 +149,7 @@ async def post(
     Raises NotTaken.
     """
     params = {
-        "postings": Jsonb([_posting_row(idx, p) for idx, p in enumerate(postings)]),
+        "postings": Jsonb([posting_row(idx, p) for idx, p in enumerate(postings)]),
         "wait": wait,
         "snapshots": snapshots,
         "events": Jsonb(event_rows(events_before or [])),

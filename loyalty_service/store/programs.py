@@ -11,7 +11,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from ..db import accounts, earning_rule_versions, programs
 from ..domain.codec import from_json, to_json
 from ..domain.ids import Page
-from ..domain.programs import EarningRule, Program, ProgramStatus, Tier
+from ..domain.programs import EarningRule, HoldPolicy, Program, ProgramStatus, Tier
 from .sql import Conn, Row, bind, compiled, const, filtered_page, one
 
 PROGRAM_COLUMNS = [c for c in programs.c if c.name != "seq"]
@@ -71,6 +71,7 @@ def program_of(row: Row) -> Program:
         update_time=row.update_time,
         earning_rules=from_json(list[EarningRule], row.earning_rules),
         actor=row.actor,
+        hold_policy=HoldPolicy(row.hold_default_ttl_seconds, row.hold_max_ttl_seconds),
     )
 
 
@@ -86,6 +87,8 @@ def _program_params(program: Program) -> dict[str, object]:
         "update_time": program.update_time,
         "earning_rules": Jsonb(to_json(program.earning_rules)),
         "actor": program.actor,
+        "hold_default_ttl_seconds": program.hold_policy.default_ttl_seconds,
+        "hold_max_ttl_seconds": program.hold_policy.max_ttl_seconds,
     }
 
 

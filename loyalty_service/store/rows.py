@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlalchemy as sa
 from psycopg.types.json import Jsonb
 
 from ..db import accounts, points_transactions
@@ -37,6 +38,19 @@ def transaction_of(row: Row) -> PointsTransaction:
 ACCOUNT_COLUMNS = [c for c in accounts.c if c.name != "seq"]
 
 
+# An account as read at `now`: the points of its holds whose time is up there are not held
+# any more, whether or not they were settled (SQL held_at, migration 0011). What it stores
+# is written only by the hold functions and the kernel: account_params leaves it out.
+ACCOUNT_COLUMNS_AT = [
+    sa.func.held_at(
+        sa.literal_column("accounts"), sa.bindparam("now", type_=sa.DateTime(True))
+    ).label("held_points")
+    if c.name == "held_points"
+    else c
+    for c in ACCOUNT_COLUMNS
+]
+
+
 def account_of(row: Row) -> Account:
     return Account(
         id=row.id,
@@ -52,6 +66,7 @@ def account_of(row: Row) -> Account:
         merged_into=row.merged_into,
         version=row.version,
         actor=row.actor,
+        held_points=row.held_points,
     )
 
 

@@ -76,15 +76,16 @@ async def filtered_page(
     after: int | None,
     limit: int,
     convert: typing.Callable[[Row], T],
+    params: dict[str, object] | None = None,
 ) -> Page[T]:
     """A page of `table`'s rows, newest first (by seq) after the keyset position `after`,
     where each column named in `filters` equals its value, or one of them (a frozenset); a
-    filter of None is no filter. One statement per combination of filters, compiled on first
-    use."""
+    filter of None is no filter; `params` are what `columns` take (a read's time). One
+    statement per combination of filters, compiled on first use."""
     given = tuple(name for name, value in filters.items() if value is not None)
     sets = tuple((name, isinstance(filters[name], frozenset)) for name in given)
     sql = _filtered_page_sql(table, tuple(columns), sets, after is not None)
-    params: dict[str, object] = {"after": after, "limit": limit + 1}
+    params = {**(params or {}), "after": after, "limit": limit + 1}
     for name in given:
         value = filters[name]
         params[name] = sorted(value) if isinstance(value, frozenset) else value

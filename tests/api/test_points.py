@@ -83,7 +83,12 @@ def test_debits_never_go_below_zero(accounts, points):
             FAILED_PRECONDITION,
             "INSUFFICIENT_POINTS",
         )
-        assert found.metadata == {"balance": "100", "requested": "101"}
+        assert found.metadata == {
+            "available": "100",
+            "held": "0",
+            "balance": "100",
+            "requested": "101",
+        }
     assert post(points, account.id, REDEEM, 100).points_after == 0
     assert get(accounts, account.id).balance == 0
 

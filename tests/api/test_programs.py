@@ -48,7 +48,7 @@ PROGRAM = programs_pb2.Program
 P_ACTIVE, P_ARCHIVED = PROGRAM.STATUS_ACTIVE, PROGRAM.STATUS_ARCHIVED
 BAD_ID = "is not a valid id (expected ^prog_[A-Za-z0-9_]{1,60}$)"
 BAD_CURRENCY = "must be an ISO 4217 code: three uppercase letters"
-UPDATABLE = "updatable: name, currency, auto_enroll, tiers, earning_rules, status"
+UPDATABLE = "updatable: name, currency, auto_enroll, tiers, earning_rules, status, hold_policy"
 
 
 def get_program(programs, program_id: str) -> programs_pb2.Program:

@@ -45,9 +45,17 @@ def test_event_types():
     assert {t.value for t in domain.events.TRANSACTION_EVENT_TYPES} == {
         "points_transaction.created"
     }
+    assert {t.value for t in domain.events.HOLD_EVENT_TYPES} == {
+        "points_hold.created",
+        "points_hold.captured",
+        "points_hold.released",
+        "points_hold.expired",
+    }
     assert (
         set(domain.events.EventType)
-        == domain.events.ACCOUNT_EVENT_TYPES | domain.events.TRANSACTION_EVENT_TYPES
+        == domain.events.ACCOUNT_EVENT_TYPES
+        | domain.events.TRANSACTION_EVENT_TYPES
+        | domain.events.HOLD_EVENT_TYPES
     )
 
 

@@ -88,7 +88,12 @@ def test_debits_may_not_overdraw_except_reversals():
     assert ACCOUNT.balance + redeem.delta < redeem.min_balance == 0
     refused = domain.points.refusal("INSUFFICIENT_POINTS", ACCOUNT_ID, ACCOUNT, redeem)
     assert isinstance(refused, domain.errors.InsufficientPoints)
-    assert refused.metadata == {"balance": "100", "requested": "101"}
+    assert refused.metadata == {
+        "available": "100",
+        "held": "0",
+        "balance": "100",
+        "requested": "101",
+    }
     change = domain.points.change(REVERSE, DEBIT, 130, may_overdraw=True)
     assert change == domain.points.Change(
         delta=-130, lifetime_delta=0, min_balance=domain.points.NO_FLOOR
@@ -131,16 +136,16 @@ def test_an_active_account_is_active():
             account(balance=100),
             domain.points.change(REDEEM, DEBIT, 101),
             domain.errors.InsufficientPoints,
-            {"balance": "100", "requested": "101"},
-            "balance 100 is less than the 101 points requested",
+            {"available": "100", "held": "0", "balance": "100", "requested": "101"},
+            "100 points are available (100 less 0 held), fewer than the 101 requested",
         ),
         (
             "INSUFFICIENT_POINTS",
             account(balance=-LIMIT),
             domain.points.change(REVERSE, DEBIT, 1, may_overdraw=True),
             domain.errors.InsufficientPoints,
-            {"balance": str(-LIMIT), "requested": "1"},
-            f"balance {-LIMIT} is less than the 1 points requested",
+            {"available": str(-LIMIT), "held": "0", "balance": str(-LIMIT), "requested": "1"},
+            f"{-LIMIT} points are available ({-LIMIT} less 0 held), fewer than the 1 requested",
         ),
         (
             "BALANCE_LIMIT_EXCEEDED",

@@ -38,7 +38,13 @@ from datetime import UTC, datetime
 
 import grpc
 import psutil
-from google.protobuf import field_mask_pb2, message_factory, text_format, timestamp_pb2
+from google.protobuf import (
+    duration_pb2,
+    field_mask_pb2,
+    message_factory,
+    text_format,
+    timestamp_pb2,
+)
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -111,9 +117,13 @@ class Known:
     spare: str  # another account of `program`, for close, reopen and merge
     transaction: str  # an EARN on `account`
     payment: str  # a payment that earned, for refunds
+    hold: str  # a hold on `account`, for captures and releases
 
     def ids(self) -> list[str]:
-        return [self.program, self.rule, self.account, self.spare, self.transaction, self.payment]
+        return [
+            self.program, self.rule, self.account, self.spare, self.transaction, self.payment,
+            self.hold,
+        ]  # fmt: skip
 
 
 def prepare(channel: grpc.Channel) -> Known:
@@ -158,6 +168,9 @@ def prepare(channel: grpc.Channel) -> Known:
             occurred_at=OCCURRED_AT,
         )
     )
+    hold = points.CreateHold(
+        points_pb2.CreateHoldRequest(account=account.id, amount=10, reference=unique("ord"))
+    )
     return Known(
         program=program.id,
         rule=program.earning_rules[0].id,
@@ -165,6 +178,7 @@ def prepare(channel: grpc.Channel) -> Known:
         spare=spare.id,
         transaction=earn.id,
         payment=payment.payment.id,
+        hold=hold.id,
     )
 
 
@@ -413,6 +427,22 @@ VALID: dict[str, Callable[[Known, random.Random], Message]] = {
         refund_id=_id(rng, "ref"), payment_id=k.payment, amount=1
     ),
     "SubscribeTransactionEvents": lambda k, rng: points_pb2.SubscribeTransactionEventsRequest(
+        account=k.account, **_start(rng)
+    ),
+    "CreateHold": lambda k, rng: points_pb2.CreateHoldRequest(
+        account=k.account,
+        amount=rng.randint(1, 5),
+        reference=_id(rng, "ord"),
+        reason="fuzz",
+        ttl=duration_pb2.Duration(seconds=rng.randint(1, 900)),
+    ),
+    "CaptureHold": lambda k, rng: points_pb2.CaptureHoldRequest(
+        id=k.hold, amount=1, request_id=_id(rng, "req")
+    ),
+    "ReleaseHold": lambda k, rng: points_pb2.ReleaseHoldRequest(id=k.hold),
+    "GetHold": lambda k, rng: points_pb2.GetHoldRequest(id=k.hold),
+    "ListHolds": lambda k, rng: points_pb2.ListHoldsRequest(account=k.account, page_size=5),
+    "SubscribeHoldEvents": lambda k, rng: points_pb2.SubscribeHoldEventsRequest(
         account=k.account, **_start(rng)
     ),
     "CreateProgram": lambda k, rng: programs_pb2.CreateProgramRequest(

@@ -86,7 +86,12 @@ def test_refusals_in_a_batch_are_reported_per_posting(databases):
         assert isinstance(results[1], InsufficientPoints)
         assert isinstance(results[2], AccountNotActive)
         assert isinstance(results[3], InsufficientPoints)
-        assert results[3].metadata == {"balance": "40", "requested": "60"}
+        assert results[3].metadata == {
+            "available": "40",
+            "held": "0",
+            "balance": "40",
+            "requested": "60",
+        }
         assert sizes == [4], "postings on one account share a batch, applied in order"
         assert await balances(ledger, rich.id, poor.id, closed.id) == [40, 0, 0]
 

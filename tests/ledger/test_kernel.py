@@ -110,7 +110,12 @@ def test_postings_on_one_account_apply_in_order_and_refusals_say_why(databases):
         # The reasons become the domain's errors, with the values the kernel saw.
         error = refusal(done[1].result, account, refused, change(REDEEM, DEBIT, 70))
         assert isinstance(error, InsufficientPoints)
-        assert error.metadata == {"balance": "60", "requested": "70"}
+        assert error.metadata == {
+            "available": "60",
+            "held": "0",
+            "balance": "60",
+            "requested": "70",
+        }
         limit = refusal(done[4].result, account, done[4].account, change(EARN, CREDIT, 10))
         assert isinstance(limit, BalanceLimitExceeded)
         missing = refusal(done[5].result, "loy_" + "N" * 20, None, change(EARN, CREDIT, 1))
@@ -185,7 +190,8 @@ def test_events_before_come_first_and_a_refusal_undoes_nothing_else(databases):
                 events_before=[updated],
             )
             assert done[0].points_after == 5
-            assert done[0].account == await store.accounts.get_account(conn, account.id)
+            now = datetime.now(UTC)
+            assert done[0].account == await store.accounts.get_account(conn, account.id, now)
             again = account_event(EventType.ACCOUNT_UPDATED, account)
             refused = await store.postings.post(
                 conn, [posting(account.id, REDEEM, DEBIT, 6)], events_before=[again]
