@@ -219,7 +219,7 @@ def new_transaction(
     if origin_kind in _RESERVED_ORIGINS:
         v.add("origin.kind", f"{origin_kind} is reserved for the service")
     origin_id = v.text("origin.id", request.origin.id, domain.points.MAX_ORIGIN_ID_LENGTH)
-    if origin_kind is OriginKind.REDEMPTION and domain.ids.HOLD_ID.match(origin_id):
+    if origin_kind is OriginKind.REDEMPTION and domain.ids.HOLD_ID.fullmatch(origin_id):
         # A capture's REDEEM is the only one of its hold (loyalty-service check).
         v.add("origin.id", "hold ids are reserved for CaptureHold's redemptions")
     metadata = v.metadata("metadata", request.metadata)

@@ -90,8 +90,11 @@ def ttl_violations(field_path: str, seconds: int, nanos: int = 0) -> list[FieldV
 
 def hold_policy_violations(field_path: str, policy: HoldPolicy) -> list[FieldViolation]:
     """Beyond each time-to-live's own bounds (ttl_violations): the default within the
-    maximum."""
-    if policy.default_ttl_seconds > policy.max_ttl_seconds:
+    maximum, once both are within theirs."""
+    within = not ttl_violations("", policy.default_ttl_seconds) and not ttl_violations(
+        "", policy.max_ttl_seconds
+    )
+    if within and policy.default_ttl_seconds > policy.max_ttl_seconds:
         return [FieldViolation(f"{field_path}.default_ttl", "must not exceed max_ttl")]
     return []
 

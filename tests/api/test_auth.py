@@ -218,7 +218,7 @@ def _written(url: str) -> dict[str, int]:
     """How many rows each table that a change writes holds."""
     tables = (
         "accounts", "points_transactions", "programs", "earning_rule_versions", "payments",
-        "refunds", "account_merges", "idempotency_keys", "events", "event_queue",
+        "refunds", "account_merges", "idempotency_keys", "events", "event_queue", "points_holds",
     )  # fmt: skip
     with psycopg.connect(libpq_url(url)) as conn:
         counts = {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in tables}
@@ -420,6 +420,9 @@ def test_a_caller_limited_to_a_program_sees_no_other(servers, pki):
         other = full.programs.CreateProgram(_program_request())
         theirs = full.accounts.CreateAccount(account_request(program=other.id))
         earned = post(full.points, theirs.id, EARN, 3)
+        their_hold = full.points.CreateHold(
+            points_pb2.CreateHoldRequest(account=theirs.id, amount=1, reference=unique("auth"))
+        )
         mine = stubs.accounts.CreateAccount(account_request())
         before = _written(servers[0])
         refusals = [
@@ -451,6 +454,31 @@ def test_a_caller_limited_to_a_program_sees_no_other(servers, pki):
             (
                 stubs.accounts.CloseAccount,
                 accounts_pb2.CloseAccountRequest(id=theirs.id),
+                "ACCOUNT_NOT_FOUND",
+            ),
+            (
+                stubs.points.CreateHold,
+                points_pb2.CreateHoldRequest(account=theirs.id, amount=1, reference="a"),
+                "ACCOUNT_NOT_FOUND",
+            ),
+            (
+                stubs.points.GetHold,
+                points_pb2.GetHoldRequest(id=their_hold.id),
+                "HOLD_NOT_FOUND",
+            ),
+            (
+                stubs.points.CaptureHold,
+                points_pb2.CaptureHoldRequest(id=their_hold.id),
+                "HOLD_NOT_FOUND",
+            ),
+            (
+                stubs.points.ReleaseHold,
+                points_pb2.ReleaseHoldRequest(id=their_hold.id),
+                "HOLD_NOT_FOUND",
+            ),
+            (
+                stubs.points.ListHolds,
+                points_pb2.ListHoldsRequest(account=theirs.id),
                 "ACCOUNT_NOT_FOUND",
             ),
             (

@@ -17,23 +17,14 @@ from loyalty_service.db import SEQUENCER_LOCK_ID, libpq_url
 from loyalty_service.pb import points_pb2, points_pb2_grpc
 from tests.events_support import all_events, event_of
 from tests.faults.scale import pick
-from tests.faults.workload import Server, Workload
+from tests.faults.workload import Server, Workload, lock_holder
 from tests.support import EARN, Stubs, create_account, post
 
 TAKEOVER = 5.0  # seconds another replica may take to sequence (election every 0.5 s)
 
 
 def _sequencing_backend(url: str) -> int | None:
-    """The PostgreSQL backend whose session holds the sequencer's lock on this database (an
-    advisory lock is per database; pg_locks shows the whole server's)."""
-    with psycopg.connect(libpq_url(url), autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
-            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-            " AND (classid::bigint << 32 | objid::bigint) = %s",
-            [SEQUENCER_LOCK_ID],
-        ).fetchone()
-    return row[0] if row else None
+    return lock_holder(url, SEQUENCER_LOCK_ID)
 
 
 def _wait_for_a_new_sequencer(url: str, gone: int, within: float = TAKEOVER) -> float:

@@ -808,3 +808,16 @@ def assert_reported_promptly(outages: list[Outage]) -> None:
                 f" {RECOVERS_WITHIN} s of the restore"
             )
     assert not found, "\n".join(found)
+
+
+def lock_holder(url: str, lock_id: int) -> int | None:
+    """The PostgreSQL backend whose session holds a job's advisory lock on this database (an
+    advisory lock is per database; pg_locks shows the whole server's)."""
+    with psycopg.connect(libpq_url(url), autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            " AND (classid::bigint << 32 | objid::bigint) = %s",
+            [lock_id],
+        ).fetchone()
+    return row[0] if row else None
