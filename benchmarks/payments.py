@@ -34,11 +34,13 @@ def customer(n: int) -> str:
     return f"cust_pay_{n}"
 
 
-def create_programs(channel: grpc.Channel) -> dict[str, programs_pb2.Program]:
+def create_programs(
+    channel: grpc.Channel, program_ids: tuple[str, ...] = (SERVICE_PROGRAM, BASELINE_PROGRAM)
+) -> dict[str, programs_pb2.Program]:
     """The two programs, through the API (CreateProgram), as a client would set them up."""
     stub = programs_pb2_grpc.LoyaltyProgramsStub(channel)
     created = {}
-    for program_id in (SERVICE_PROGRAM, BASELINE_PROGRAM):
+    for program_id in program_ids:
         program = programs_pb2.Program(
             name=f"Benchmark payments ({program_id})",
             currency=CURRENCY,
@@ -61,7 +63,9 @@ def create_programs(channel: grpc.Channel) -> dict[str, programs_pb2.Program]:
     return created
 
 
-def requests(run: str, count: int, customers: int) -> Iterator[bytes]:
+def requests(
+    run: str, count: int, customers: int, program: str = SERVICE_PROGRAM
+) -> Iterator[bytes]:
     """`count` serialized RecordPayment requests, each with a payment_id of its own, for a
     random one of the customers, occurred_at now (when the file is written)."""
     now = Timestamp()
@@ -69,7 +73,7 @@ def requests(run: str, count: int, customers: int) -> Iterator[bytes]:
     for i in range(count):
         yield points_pb2.RecordPaymentRequest(
             payment_id=f"pay_{run}_{i}",
-            program=SERVICE_PROGRAM,
+            program=program,
             customer=customer(random.randint(1, customers)),
             amount=random.randint(MIN_AMOUNT, MAX_AMOUNT),
             currency=CURRENCY,
@@ -134,7 +138,8 @@ def pgbench_script(
             f"jsonb_build_object('id', {account}, 'program', {text(program.id)}, 'customer',"
             f" {customer_}, 'status', 'ACTIVE', 'balance', {balance}, 'lifetime_points',"
             f" {lifetime}, 'tier', '', 'metadata', '{{}}'::jsonb, 'create_time', {create_time},"
-            f" 'update_time', {now}, 'merged_into', NULL::text, 'version', {version})"
+            f" 'update_time', {now}, 'merged_into', NULL::text, 'version', {version},"
+            f" 'actor', 'anonymous', 'held_points', 0)"
         )
 
     def earn(
@@ -215,15 +220,16 @@ def pgbench_script(
     new_account = {
         "id": random_id("loy_", "loy"), **owner, "status": "'ACTIVE'", "balance": "0",
         "lifetime_points": "0", "tier": "''", "metadata": "'{}'", "create_time": now,
-        "update_time": now, "merged_into": "NULL", "version": "1",
+        "update_time": now, "merged_into": "NULL", "version": "1", "actor": "'anonymous'",
     }  # fmt: skip
     claim = {
         "id": payment_id, **owner, "amount": ":amount::bigint", "currency": text(CURRENCY),
         "occurred_at": now, "metadata": "'{}'",
         "fingerprint": "encode(sha256(convert_to(:k::text, 'UTF8')), 'hex')",
-        "create_time": now,
+        "create_time": now, "actor": "'anonymous'",
     }  # fmt: skip
-    lock_account = statement(store.accounts.LOCK_ACTIVE_ACCOUNT, owner) + " \\aset acct_"
+    locked = {**owner, "now": now}  # held points as of now (store.rows.ACCOUNT_COLUMNS_AT)
+    lock_account = statement(store.accounts.LOCK_ACTIVE_ACCOUNT, locked) + " \\aset acct_"
     lines = [
         "\\set k random(1, 9000000000000000000)",
         f"\\set n random(1, {customers})",

@@ -19,6 +19,11 @@ Scenarios (each: warm-up, then a timed window at the same concurrency for both s
   and a welcome bonus (100 points): a customer's first payment enrolls them. Baseline:
   pgbench running the statements the service runs for one payment, in one transaction,
   enrollment included, on a program of its own set up alike (benchmarks/payments.py).
+- checkout: a hold, its capture and a payment per checkout, by members of a program alike
+  the payment scenario's (benchmarks/checkout.py); each call's window in turn. Baseline:
+  pgbench running the three calls' statements per checkout. Adds `RESULT
+  scenario=checkout_cpu`: each call's server CPU per call as a multiple of an empty RPC's,
+  measured in the same run, with its target.
 - event_log: what the event log costs a writer, pgbench against pgbench: uniform_earn's
   posting statement, against the same statement with its event-log writes removed (the
   kernel's `log` false), alternating 3 times (--pairs) while the server's sequencer runs.
@@ -54,7 +59,7 @@ import psycopg
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy.engine import make_url
 
-from benchmarks import payments
+from benchmarks import checkout, payments
 from loyalty_service import db, store
 from loyalty_service.ledger.checks import find_violations
 from loyalty_service.pb import accounts_pb2, points_pb2, points_pb2_grpc
@@ -107,6 +112,8 @@ class Load:
     p99_ms: float
     calls: int
     delivery: Delivery | None = None
+    # The server's CPU time per call in the window, in microseconds.
+    server_us: float = 0.0
 
 
 def write_requests(path: Path, requests: Iterable[bytes]) -> Path:
@@ -183,7 +190,14 @@ def drive(
         f" load generator {client / calls * 1e6:.0f} us/call",
         flush=True,
     )
-    return Load(float(found["ops"]), float(found["p50"]), float(found["p99"]), calls, delivery)
+    return Load(
+        float(found["ops"]),
+        float(found["p50"]),
+        float(found["p99"]),
+        calls,
+        delivery,
+        server / calls * 1e6,
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -449,6 +463,82 @@ def two_replicas(
         second.stop()
 
 
+# What checkout's calls may cost the server, as multiples of an empty RPC's CPU per call
+# (the targets of the checkout scenario).
+CHECKOUT_CPU_TARGETS = {
+    "CreateHold": 2.5,
+    "CaptureHold": 2.5,
+    "RecordPayment": 4.0,
+    "GetAccount": 1.8,
+}
+
+
+def checkout_scenario(
+    url: str,
+    address: str,
+    pid: int,
+    args: argparse.Namespace,
+    tmp: Path,
+    run: str,
+    count: int,
+    empty: Path,
+) -> None:
+    """benchmarks/checkout.py. Prints the service's checkouts per second against pgbench's,
+    then each call's server CPU as a multiple of an empty RPC's, measured in this run."""
+    with grpc.insecure_channel(address) as channel:
+        programs = payments.create_programs(
+            channel, (checkout.SERVICE_PROGRAM, checkout.BASELINE_PROGRAM)
+        )
+    for program in programs:
+        checkout.seed(url, program, args.customers)
+    holds = write_requests(tmp / "holds.bin", checkout.hold_requests(run, count, args.customers))
+    paid = write_requests(
+        tmp / "checkout_payments.bin",
+        payments.requests(f"{run}-c", count, args.customers, checkout.SERVICE_PROGRAM),
+    )
+    members = write_requests(
+        tmp / "members.bin",
+        (
+            accounts_pb2.GetAccountRequest(
+                id=checkout.member(checkout.SERVICE_PROGRAM, random.randint(1, args.customers))
+            ).SerializeToString()
+            for _ in range(4096)
+        ),
+    )
+    loads = {"CreateHold": drive(address, checkout.CREATE_HOLD, holds, args, pid)}
+    # Captures of holds made beforehand, as many as the window could take at 5,000 a second.
+    made = checkout.make_holds(url, run, int((args.warmup + args.seconds) * 5_000), args.customers)
+    captures = write_requests(tmp / "captures.bin", checkout.capture_requests(run, made))
+    loads["CaptureHold"] = drive(address, checkout.CAPTURE_HOLD, captures, args, pid)
+    loads["RecordPayment"] = drive(address, payments.METHOD, paid, args, pid)
+    loads["GetAccount"] = drive(
+        address, "/vinr.loyalty.v1.LoyaltyAccounts/GetAccount", members, args, pid, cycle=True
+    )
+    empty_rpc = drive(address, "/grpc.health.v1.Health/Check", empty, args, pid, cycle=True)
+    script = checkout.pgbench_script(
+        programs[checkout.BASELINE_PROGRAM], args.customers, pgbench_statement
+    )
+    if args.show_sql:
+        print(f"-- checkout\n{script}")
+    baseline_ops = run_pgbench(url, script, args.concurrency, args.warmup, args.seconds)
+    calls = ("CreateHold", "CaptureHold", "RecordPayment")
+    service_ops = 1 / sum(1 / loads[name].ops for name in calls)
+    print(
+        f"RESULT scenario=checkout service_ops={service_ops:.0f} baseline_ops={baseline_ops:.0f}"
+        f" ratio={service_ops / baseline_ops:.2f} "
+        + " ".join(f"{name}_ops={loads[name].ops:.0f}" for name in calls),
+        flush=True,
+    )
+    ratios = " ".join(
+        f"{name}={load.server_us / empty_rpc.server_us:.2f}x(target<={CHECKOUT_CPU_TARGETS[name]})"
+        for name, load in loads.items()
+    )
+    print(
+        f"RESULT scenario=checkout_cpu empty_rpc_us={empty_rpc.server_us:.0f} {ratios}",
+        flush=True,
+    )
+
+
 def earn_requests(run: str, count: int, pick: Callable[[int], tuple[str, int]]) -> Iterator[bytes]:
     """`count` serialized earns (or redeems), each with a request_id of its own."""
     for i in range(count):
@@ -548,6 +638,8 @@ def benchmark(url: str, args: argparse.Namespace, tmp: Path) -> None:
             else:
                 baseline_ops = run_pgbench(url, script, args.concurrency, args.warmup, args.seconds)
             report(name, load, baseline_ops)
+        if wanted("checkout"):
+            checkout_scenario(url, server.address, pid, args, tmp, run, count, empty)
         if event_runs:
             events(server.address, pid, args, event_runs)
         if wanted("event_log"):

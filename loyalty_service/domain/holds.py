@@ -78,7 +78,7 @@ class HoldFilter:
     account: str | None = None
 
 
-def capture_posting(hold_id: str, now: datetime) -> tuple[PointsTransaction, Change]:
+def capture_posting(hold_id: str, now: datetime, actor: str) -> tuple[PointsTransaction, Change]:
     """A capture's REDEEM, but for what the hold's row gives it under its lock (account,
     amount, reason, metadata: SQL finish_hold): origin REDEMPTION, the hold's id."""
     ptx = PointsTransaction(
@@ -93,6 +93,7 @@ def capture_posting(hold_id: str, now: datetime) -> tuple[PointsTransaction, Cha
         origin_id=hold_id,
         metadata={},
         create_time=now,
+        actor=actor,
     )
     return ptx, Change(delta=0, lifetime_delta=0, min_balance=0)
 

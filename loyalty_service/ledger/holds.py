@@ -9,7 +9,6 @@ writes. A capture posts its REDEEM through the kernel inside that statement.
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from datetime import datetime
 
 from .. import db, domain, store
@@ -68,8 +67,7 @@ class HoldUseCases(UseCases):
         self, caller: Caller, hold_id: str, amount: int | None, request_id: str = ""
     ) -> Hold:
         """Captures `amount` (None: all) of the hold: one REDEEM of it, the rest released."""
-        ptx, change = domain.holds.capture_posting(hold_id, self.clock())
-        capture = NewPosting(replace(ptx, actor=caller.identity), change)
+        capture = NewPosting(*domain.holds.capture_posting(hold_id, self.clock(), caller.identity))
         params = {"id": hold_id, "amount": amount}
         method = "CaptureHold"
         return await self._finish(caller, method, hold_id, capture, amount, request_id, params)

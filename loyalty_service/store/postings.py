@@ -23,7 +23,7 @@ from ..domain.points import (
 from .events import EVENT_KEYS, event_rows
 from .requests import StoredResponse
 from .rows import TRANSACTION_COLUMNS, transaction_of
-from .sql import Conn, compiled, filtered_page, one
+from .sql import Conn, compiled, filtered_page, jsonb_object, one
 
 _TRANSACTION_ID = sa.bindparam("id", type_=sa.Text)
 
@@ -183,10 +183,7 @@ def post_points_call(
     events, as a last row UNLOGGED, and writes none): make bench's event_log baseline."""
 
     def array(items: list[dict[str, str]], keys: tuple[str, ...]) -> str:
-        objects = [
-            "jsonb_build_object(" + ", ".join(f"'{k}', {item[k]}" for k in keys) + ")"
-            for item in items
-        ]
+        objects = [jsonb_object(item, keys) for item in items]
         return f"jsonb_build_array({', '.join(objects)})"
 
     return (

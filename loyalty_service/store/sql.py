@@ -41,6 +41,15 @@ def const(value: str | int) -> sa.ColumnElement:
     return sa.literal_column(f"'{value}'" if isinstance(value, str) else str(int(value)))
 
 
+def jsonb_object(values: dict[str, str], keys: tuple[str, ...]) -> str:
+    """A JSON object as SQL, each of `keys` given as an SQL expression in `values` (exactly
+    those keys): a JSON argument as a statement's caller builds it, for make bench's pgbench
+    baseline."""
+    if set(values) != set(keys):
+        raise ValueError(f"keys {sorted(set(values) ^ set(keys))} differ from the store's")
+    return "jsonb_build_object(" + ", ".join(f"'{k}', {values[k]}" for k in keys) + ")"
+
+
 async def one(conn: Conn, sql: str, params: dict[str, object]) -> Row | None:
     cursor = await conn.execute(sql, params)
     return await cursor.fetchone()

@@ -82,7 +82,7 @@ def test_hold_policy_defaults():
 
 
 def test_a_capture_posts_a_redeem_of_its_hold():
-    ptx, change = domain.holds.capture_posting(HOLD_ID, NOW)
+    ptx, change = domain.holds.capture_posting(HOLD_ID, NOW, "checkout")
     assert (ptx.type, ptx.direction, ptx.origin_kind, ptx.origin_id, ptx.create_time) == (
         domain.points.TransactionType.REDEEM,
         domain.points.Direction.DEBIT,
@@ -90,6 +90,7 @@ def test_a_capture_posts_a_redeem_of_its_hold():
         HOLD_ID,
         NOW,
     )
+    assert ptx.actor == "checkout"
     assert ptx.id.startswith("ptx_") and domain.ids.TRANSACTION_ID.fullmatch(ptx.id)
     # The overdraft floor of any REDEEM: the kernel checks the available balance against it.
     assert change == domain.points.Change(delta=0, lifetime_delta=0, min_balance=0)
